@@ -1,0 +1,72 @@
+"""Building the FastAPI application around one engine pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+
+from server import __version__
+from server.api.auth import KeyRing
+from server.api.errors import install_error_handlers
+from server.api.limits import BodySizeLimit
+from server.api.routes import router
+from server.pool import EnginePool
+from server.registry import Registry
+from server.service import CompletionService
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AppState:
+    """What routes reach through ``request.app.state.v4``: no module-level globals."""
+
+    pool: EnginePool
+    service: CompletionService
+    keys: KeyRing
+    preload: tuple[str, ...]
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+def create_app(settings: Settings, registry: Registry) -> FastAPI:
+    for name in settings.preload:
+        if name not in registry:
+            raise ValueError(f"--preload {name}: no such model or alias in the registry")
+    keys = KeyRing.from_sources(settings.api_keys, settings.api_keys_file)
+    pool = EnginePool(registry, home=settings.home, load_timeout=settings.load_timeout)
+    state = AppState(pool=pool, service=CompletionService(pool), keys=keys, preload=tuple(settings.preload))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Preload in the background: /healthz answers at once, /readyz once loaded.
+        if state.preload:
+            task = asyncio.create_task(_preload(pool, state.preload))
+            state.background.add(task)
+            task.add_done_callback(state.background.discard)
+        try:
+            yield
+        finally:
+            for task in list(state.background):
+                task.cancel()
+            await pool.shutdown()
+
+    app = FastAPI(title="v4serve", version=__version__, lifespan=lifespan)
+    app.state.v4 = state
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+async def _preload(pool: EnginePool, names: tuple[str, ...]) -> None:
+    for name in names:
+        try:
+            await pool.acquire(name)
+        except Exception as exc:  # reported in /v4/models; other models still load
+            logger.error("preloading %s failed: %s", name, exc)

@@ -1,0 +1,81 @@
+"""Every failure becomes ``{"error": {message, type, param, code}}`` with its status.
+
+One table for the whole server, as in vLLM's ``exception_handling``: routes raise, these
+handlers answer. A caller never sees a stack trace, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.errors import ServingError
+from server.protocol import ErrorDetail, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+
+def error_body(message: str, error_type: str, status: int, param: str | None = None) -> dict[str, Any]:
+    return ErrorResponse(
+        error=ErrorDetail(message=message, type=error_type, param=param, code=status)
+    ).model_dump()
+
+
+def serving_error_body(exc: ServingError) -> dict[str, Any]:
+    return error_body(exc.message, exc.error_type, exc.status_code, exc.param)
+
+
+def _retry_headers(exc: ServingError) -> dict[str, str] | None:
+    if exc.retry_after is None:
+        return None
+    return {"Retry-After": str(max(1, round(exc.retry_after)))}
+
+
+async def _serving_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServingError)
+    return JSONResponse(serving_error_body(exc), exc.status_code, headers=_retry_headers(exc))
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or "body"
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        first = errors[0]
+        detail = first.get("ctx", {}).get("error", "")
+        return JSONResponse(
+            error_body(f"the request body is not valid JSON: {detail}".rstrip(": "), "invalid_json", 400, "body"),
+            400,
+        )
+    first = errors[0]
+    field = _field(tuple(first.get("loc", ())))
+    message = "; ".join(f"{_field(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors)
+    return JSONResponse(error_body(message, "invalid_parameter", 422, field), 422)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse(
+        error_body(str(exc.detail), "http_error", exc.status_code), exc.status_code, headers=exc.headers
+    )
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error serving %s %s", request.method, request.url.path)
+    return JSONResponse(error_body("internal server error", "internal_error", 500), 500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServingError, _serving_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

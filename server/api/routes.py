@@ -1,0 +1,68 @@
+"""HTTP routes: the contract's endpoint, the model list, liveness and readiness.
+
+Routes only translate between HTTP and the service; what a parameter means is decided
+in ``server.service``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from server.api.auth import authenticate
+from server.api.streaming import EventStreamResponse, cancel_on_disconnect, sse_events
+from server.protocol import CompletionRequest, CompletionResponse
+
+router = APIRouter()
+
+# nginx's "client closed request": the caller left before the answer was ready.
+CLIENT_CLOSED_REQUEST = 499
+
+
+@router.post("/v4/completions", response_model=CompletionResponse)
+async def create_completion(
+    body: CompletionRequest, request: Request, account: str | None = Depends(authenticate)
+) -> Response:
+    service = request.app.state.v4.service
+    pending = await service.prepare(body, account)
+    if body.stream:
+        return EventStreamResponse(sse_events(pending.chunks()))
+    result = await cancel_on_disconnect(request, pending.result())
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
+@router.get("/v4/models", dependencies=[Depends(authenticate)])
+async def list_models(request: Request) -> dict[str, Any]:
+    pool = request.app.state.v4.pool
+    return {
+        "models": [
+            {
+                "id": s.model_id,
+                "aliases": list(s.aliases),
+                "source": s.source,
+                "engine": s.engine,
+                "state": s.state.value,
+                "running_requests": s.running,
+                "load_seconds": s.load_seconds,
+                "error": s.error,
+            }
+            for s in pool.status()
+        ]
+    }
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    state = request.app.state.v4
+    ready = state.pool.is_ready(state.preload)
+    body = {"status": "ready" if ready else "loading", "preload": list(state.preload)}
+    return JSONResponse(body, status_code=200 if ready else 503)

@@ -1,0 +1,21 @@
+"""The model registry: which public model ID is served from which weights, and how."""
+
+from server.registry.loader import (
+    SHIPPED_REGISTRY,
+    RegisteredModel,
+    Registry,
+    RegistryError,
+    load_registry,
+    read_registry_file,
+)
+from server.registry.schema import ModelEntry
+
+__all__ = [
+    "SHIPPED_REGISTRY",
+    "ModelEntry",
+    "RegisteredModel",
+    "Registry",
+    "RegistryError",
+    "load_registry",
+    "read_registry_file",
+]

@@ -1,0 +1,141 @@
+"""Reading registry files, laying operator files over the shipped one, and validating.
+
+Every problem is reported with the file, the model ID and the key it concerns, because
+the person reading the error is an operator with the YAML open in an editor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from server.registry.schema import ModelEntry, RegistryFile
+
+
+def _shipped_registry() -> Path:
+    # A wheel carries the file inside the package; a source checkout keeps it at the root.
+    package_dir = Path(__file__).resolve().parents[1]
+    packaged = package_dir / "model_registry.yaml"
+    return packaged if packaged.exists() else package_dir.parent / "model_registry.yaml"
+
+
+SHIPPED_REGISTRY = _shipped_registry()
+
+
+class RegistryError(ValueError):
+    """A registry file is unreadable or says something invalid."""
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    model_id: str
+    entry: ModelEntry
+    origin: Path
+
+
+class Registry:
+    """The merged, validated view of every registry file, with alias resolution."""
+
+    def __init__(self, models: Mapping[str, RegisteredModel]):
+        self._models = dict(models)
+        self._names: dict[str, str] = {}
+        for model_id, registered in self._models.items():
+            self._claim(model_id, model_id, registered)
+            for alias in registered.entry.aliases:
+                self._claim(alias, model_id, registered)
+
+    def _claim(self, name: str, model_id: str, registered: RegisteredModel) -> None:
+        owner = self._names.get(name)
+        if owner is not None and owner != model_id:
+            raise RegistryError(
+                f"{registered.origin}: model '{model_id}': key 'aliases': "
+                f"'{name}' is already the ID or an alias of model '{owner}'"
+            )
+        self._names[name] = model_id
+
+    def resolve(self, name: str) -> RegisteredModel | None:
+        model_id = self._names.get(name)
+        return None if model_id is None else self._models[model_id]
+
+    def __iter__(self):
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a registry must refuse them instead."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise RegistryError(
+                f"line {key_node.start_mark.line + 1}: key '{key}' is defined twice"
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def _describe(path: Path, error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    if len(loc) >= 2 and loc[0] == "models":
+        where = f"model '{loc[1]}'"
+        key = ".".join(loc[2:])
+        if key:
+            where += f": key '{key}'"
+    else:
+        where = f"key '{'.'.join(loc)}'"
+    return f"{path}: {where}: {error['msg']}"
+
+
+def read_registry_file(path: Path) -> dict[str, RegisteredModel]:
+    """Parse and validate one file; the models it defines, keyed by ID."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read registry file: {exc.strerror}") from exc
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except RegistryError as exc:
+        raise RegistryError(f"{path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{path}: a registry file must be a mapping with a 'models' key")
+    try:
+        parsed = RegistryFile.model_validate(raw)
+    except ValidationError as exc:
+        raise RegistryError("\n".join(_describe(path, e) for e in exc.errors())) from exc
+    return {
+        model_id: RegisteredModel(model_id=model_id, entry=entry, origin=path)
+        for model_id, entry in parsed.models.items()
+    }
+
+
+def load_registry(overlays: Iterable[Path] = (), *, shipped: Path | None = SHIPPED_REGISTRY) -> Registry:
+    """The shipped registry with each operator file laid over it, in order.
+
+    An operator entry replaces a shipped entry of the same ID whole: merging key by key
+    would leave a custom checkpoint running with settings meant for another model.
+    """
+    models: dict[str, RegisteredModel] = {}
+    for path in ([shipped] if shipped is not None else []) + [Path(p) for p in overlays]:
+        models.update(read_registry_file(path))
+    return Registry(models)

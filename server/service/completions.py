@@ -1,0 +1,100 @@
+"""The completions service: a contract request in, contract responses out.
+
+``prepare`` does everything that can fail before the first token (model lookup, engine
+load, prompt building, tokenization, parameter checks), so the HTTP layer can still
+answer with a proper status even for a streaming request. The returned
+``PendingCompletion`` then produces either one response or a stream of chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from server.engines import Engine, GenerationDelta, PreparedRequest
+from server.errors import InvalidRequestError
+from server.pool import EnginePool
+from server.protocol import Completion, CompletionRequest, CompletionResponse, TokenUsage
+from server.service.prompts import build_prompt
+from server.service.sampling import sampling_options
+
+logger = logging.getLogger(__name__)
+
+
+class PendingCompletion:
+    """A validated request whose tokens have not been generated yet."""
+
+    def __init__(self, engine: Engine, prepared: PreparedRequest, request_id: str, account_id: str | None):
+        self._engine = engine
+        self._prepared = prepared
+        self.request_id = request_id
+        self._account_id = account_id
+
+    async def result(self) -> CompletionResponse:
+        pieces: list[str] = []
+        last: GenerationDelta | None = None
+        async for delta in self._engine.generate(self._prepared, self.request_id):
+            pieces.append(delta.text)
+            last = delta
+        assert last is not None, "an engine ends every request with a final delta"
+        self._log(last)
+        return _response("".join(pieces), last, final=True)
+
+    async def chunks(self) -> AsyncIterator[CompletionResponse]:
+        """One chunk per engine step; the last carries finish_reason and token usage."""
+        async for delta in self._engine.generate(self._prepared, self.request_id):
+            final = delta.finish_reason is not None
+            if final:
+                self._log(delta)
+            yield _response(delta.text, delta, final=final)
+
+    def _log(self, last: GenerationDelta) -> None:
+        logger.info(
+            "completion %s model=%s account=%s prompt_tokens=%d completion_tokens=%d finish=%s",
+            self.request_id,
+            self._engine.model_id,
+            self._account_id or "-",
+            last.prompt_tokens,
+            last.completion_tokens,
+            last.finish_reason,
+        )
+
+
+def _response(text: str, delta: GenerationDelta, *, final: bool) -> CompletionResponse:
+    # model_construct skips re-validation: these values come from the engine, and this
+    # runs once per streamed token.
+    usage = (
+        TokenUsage.model_construct(
+            prompt=delta.prompt_tokens,
+            completion=delta.completion_tokens,
+            total=delta.prompt_tokens + delta.completion_tokens,
+        )
+        if final
+        else None
+    )
+    return CompletionResponse.model_construct(
+        completion=Completion.model_construct(
+            text=text, finish_reason=delta.finish_reason, response_metadata=None
+        ),
+        token_usage=usage,
+    )
+
+
+class CompletionService:
+    def __init__(self, pool: EnginePool):
+        self._pool = pool
+
+    async def prepare(self, request: CompletionRequest, account_id: str | None = None) -> PendingCompletion:
+        registered = self._pool.lookup(request.model)
+        if request.images:
+            raise InvalidRequestError(
+                f"model '{request.model}' does not accept images; send images only to a vision model",
+                param="images",
+            )
+        engine = await self._pool.acquire(request.model)
+        prompt = build_prompt(request.prompt, registered.entry, engine)
+        options = sampling_options(request.model_parameters, registered.entry)
+        prepared = await engine.prepare(prompt.text, options, add_special_tokens=prompt.add_special_tokens)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        return PendingCompletion(engine, prepared, request_id, request.account_id or account_id)
