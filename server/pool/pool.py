@@ -47,7 +47,7 @@ class ModelState(str, enum.Enum):
 class ModelStatus:
     model_id: str
     aliases: tuple[str, ...]
-    source: str
+    source: str | None
     engine: str
     state: ModelState
     running: int
@@ -124,7 +124,7 @@ class EnginePool:
         started = time.monotonic()
         try:
             async with self._start_lock:
-                weights = await asyncio.to_thread(resolve_source, entry, self._home)
+                weights = await asyncio.to_thread(resolve_source, entry.source, self._home)
                 logger.info("loading model %s from %s (%s engine)", model_id, weights, entry.engine)
                 engine = await self._starters[entry.engine](model_id, entry, weights)
         except Exception as exc:

@@ -2,6 +2,7 @@
 
 from server.registry.loader import (
     SHIPPED_REGISTRY,
+    Alias,
     RegisteredModel,
     Registry,
     RegistryError,
@@ -12,6 +13,7 @@ from server.registry.schema import ModelEntry
 
 __all__ = [
     "SHIPPED_REGISTRY",
+    "Alias",
     "ModelEntry",
     "RegisteredModel",
     "Registry",

@@ -38,24 +38,43 @@ class RegisteredModel:
     origin: Path
 
 
+@dataclass(frozen=True)
+class Alias:
+    """A top-level ``aliases:`` item: ``name`` serves ``target``."""
+
+    name: str
+    target: str
+    origin: Path
+
+
 class Registry:
     """The merged, validated view of every registry file, with alias resolution."""
 
-    def __init__(self, models: Mapping[str, RegisteredModel]):
+    def __init__(
+        self,
+        models: Mapping[str, RegisteredModel],
+        aliases: Mapping[str, Alias] | None = None,
+        hosted_vendor_ids: Iterable[str] = (),
+    ):
         self._models = dict(models)
+        self.hosted_vendor_ids = frozenset(hosted_vendor_ids)
         self._names: dict[str, str] = {}
         for model_id, registered in self._models.items():
-            self._claim(model_id, model_id, registered)
+            self._claim(model_id, model_id, f"{registered.origin}: model '{model_id}'")
+        for model_id, registered in self._models.items():
             for alias in registered.entry.aliases:
-                self._claim(alias, model_id, registered)
+                self._claim(alias, model_id, f"{registered.origin}: model '{model_id}': key 'aliases'")
+        for alias in (aliases or {}).values():
+            if alias.target not in self._names:
+                raise RegistryError(
+                    f"{alias.origin}: key 'aliases.{alias.name}': '{alias.target}' is not a registered model"
+                )
+            self._claim(alias.name, self._names[alias.target], f"{alias.origin}: key 'aliases.{alias.name}'")
 
-    def _claim(self, name: str, model_id: str, registered: RegisteredModel) -> None:
+    def _claim(self, name: str, model_id: str, where: str) -> None:
         owner = self._names.get(name)
         if owner is not None and owner != model_id:
-            raise RegistryError(
-                f"{registered.origin}: model '{model_id}': key 'aliases': "
-                f"'{name}' is already the ID or an alias of model '{owner}'"
-            )
+            raise RegistryError(f"{where}: '{name}' is already the ID or an alias of model '{owner}'")
         self._names[name] = model_id
 
     def resolve(self, name: str) -> RegisteredModel | None:
@@ -105,8 +124,8 @@ def _describe(path: Path, error: dict[str, Any]) -> str:
     return f"{path}: {where}: {error['msg']}"
 
 
-def read_registry_file(path: Path) -> dict[str, RegisteredModel]:
-    """Parse and validate one file; the models it defines, keyed by ID."""
+def read_registry_file(path: Path) -> RegistryFile:
+    """Parse and validate one file."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -120,13 +139,9 @@ def read_registry_file(path: Path) -> dict[str, RegisteredModel]:
     if not isinstance(raw, dict):
         raise RegistryError(f"{path}: a registry file must be a mapping with a 'models' key")
     try:
-        parsed = RegistryFile.model_validate(raw)
+        return RegistryFile.model_validate(raw)
     except ValidationError as exc:
         raise RegistryError("\n".join(_describe(path, e) for e in exc.errors())) from exc
-    return {
-        model_id: RegisteredModel(model_id=model_id, entry=entry, origin=path)
-        for model_id, entry in parsed.models.items()
-    }
 
 
 def load_registry(overlays: Iterable[Path] = (), *, shipped: Path | None = SHIPPED_REGISTRY) -> Registry:
@@ -136,6 +151,13 @@ def load_registry(overlays: Iterable[Path] = (), *, shipped: Path | None = SHIPP
     would leave a custom checkpoint running with settings meant for another model.
     """
     models: dict[str, RegisteredModel] = {}
+    aliases: dict[str, Alias] = {}
+    hosted: set[str] = set()
     for path in ([shipped] if shipped is not None else []) + [Path(p) for p in overlays]:
-        models.update(read_registry_file(path))
-    return Registry(models)
+        parsed = read_registry_file(path)
+        for model_id, entry in parsed.models.items():
+            models[model_id] = RegisteredModel(model_id=model_id, entry=entry, origin=path)
+            aliases.pop(model_id, None)
+        aliases.update({name: Alias(name, target, path) for name, target in parsed.aliases.items()})
+        hosted.update(parsed.hosted_vendor_ids)
+    return Registry(models, aliases, hosted)

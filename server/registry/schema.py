@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ByteSize, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ByteSize, field_validator, model_validator
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 PromptFormat = Literal["raw", "chat"]
-EngineKind = Literal["vllm"]
+EngineKind = Literal["vllm", "transformers"]
 
 # Engine arguments the registry sets through its own keys; passing them again through
 # ``engine_args`` would make two places disagree about one setting.
@@ -36,10 +36,17 @@ RESERVED_ENGINE_ARGS = frozenset(
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str = Field(
+    source: str | None = Field(
+        default=None,
         min_length=1,
         description="Hugging Face repo ID, a local directory, or builtin:NAME for a model "
-        "the project generates itself.",
+        "the project generates itself. Not set for a LoRA entry (base + adapter).",
+    )
+    base: str | None = Field(
+        default=None, description="LoRA entries: the registered model ID whose engine serves the adapter."
+    )
+    adapter: str | None = Field(
+        default=None, description="LoRA entries: the adapter's hub repo ID or local directory."
     )
     revision: str | None = None
     tokenizer: str | None = None
@@ -57,6 +64,29 @@ class ModelEntry(BaseModel):
     aliases: tuple[str, ...] = ()
     engine_args: dict[str, Any] = Field(default_factory=dict)
     description: str | None = None
+    # Facts about the model that `v4serve check` and `v4serve models` use without weights.
+    architecture: str | None = Field(default=None, description="architectures[0] of config.json")
+    attention_heads: int | None = Field(default=None, ge=1)
+    parameters_b: float | None = Field(default=None, gt=0, description="parameter count, billions")
+    memory: ByteSize | None = Field(
+        default=None, description="memory the engine needs in all: weights plus KV cache"
+    )
+    gated: bool = Field(default=False, description="the hub repo needs an accepted licence and HF_TOKEN")
+
+    @model_validator(mode="after")
+    def _source_or_adapter(self) -> ModelEntry:
+        if self.base is not None or self.adapter is not None:
+            if self.base is None or self.adapter is None:
+                raise ValueError("a LoRA entry needs both 'base' and 'adapter'")
+            if self.source is not None:
+                raise ValueError("a LoRA entry takes 'base' and 'adapter', not 'source'")
+        elif self.source is None:
+            raise ValueError("an entry needs 'source' (or 'base' and 'adapter' for a LoRA adapter)")
+        return self
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base is not None
 
     @field_validator("engine_args")
     @classmethod
@@ -75,3 +105,13 @@ class RegistryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: dict[str, ModelEntry] = Field(default_factory=dict)
+    aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra names for registered models, e.g. gpt-4: llama-3-1-70b-instruct, so "
+        "code written for the hosted API runs unchanged.",
+    )
+    hosted_vendor_ids: list[str] = Field(
+        default_factory=list,
+        description="IDs of the hosted API's closed models; a request for one that is not "
+        "aliased is told the model has no open weights and how to alias it.",
+    )
