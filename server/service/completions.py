@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from server.engines import Engine, GenerationDelta, PreparedRequest
-from server.errors import InvalidRequestError
+from server.errors import InvalidRequestError, ServingError
 from server.pool import EnginePool
 from server.protocol import Completion, CompletionRequest, CompletionResponse, TokenUsage
 from server.service.prompts import build_prompt
@@ -34,30 +35,41 @@ class PendingCompletion:
     async def result(self) -> CompletionResponse:
         pieces: list[str] = []
         last: GenerationDelta | None = None
-        async for delta in self._engine.generate(self._prepared, self.request_id):
-            pieces.append(delta.text)
-            last = delta
+        async for last in self._deltas():
+            pieces.append(last.text)
         assert last is not None, "an engine ends every request with a final delta"
-        self._log(last)
         return _response("".join(pieces), last, final=True)
 
     async def chunks(self) -> AsyncIterator[CompletionResponse]:
         """One chunk per engine step; the last carries finish_reason and token usage."""
-        async for delta in self._engine.generate(self._prepared, self.request_id):
-            final = delta.finish_reason is not None
-            if final:
-                self._log(delta)
-            yield _response(delta.text, delta, final=final)
+        async for delta in self._deltas():
+            yield _response(delta.text, delta, final=delta.finish_reason is not None)
 
-    def _log(self, last: GenerationDelta) -> None:
+    async def _deltas(self) -> AsyncIterator[GenerationDelta]:
+        last: GenerationDelta | None = None
+        outcome = "aborted: the client went away"
+        try:
+            # aclosing: a caller that stops listening closes the engine's generator at
+            # once, which aborts the request in the engine instead of at garbage collection.
+            async with aclosing(self._engine.generate(self._prepared, self.request_id)) as deltas:
+                async for last in deltas:
+                    yield last
+            outcome = f"finish={last.finish_reason if last else None}"
+        except ServingError as exc:
+            outcome = f"failed: {exc.message}"
+            raise
+        finally:
+            self._log(last, outcome)
+
+    def _log(self, last: GenerationDelta | None, outcome: str) -> None:
         logger.info(
-            "completion %s model=%s account=%s prompt_tokens=%d completion_tokens=%d finish=%s",
+            "completion %s model=%s account=%s prompt_tokens=%d completion_tokens=%d %s",
             self.request_id,
             self._engine.model_id,
             self._account_id or "-",
-            last.prompt_tokens,
-            last.completion_tokens,
-            last.finish_reason,
+            self._prepared.prompt_tokens,
+            last.completion_tokens if last is not None else 0,
+            outcome,
         )
 
 

@@ -1,0 +1,100 @@
+"""API keys, open mode, health and readiness, and start-up validation of the registry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+from scale_gp import AuthenticationError, SGPClient
+
+from tests.conftest import API_KEY, OTHER_KEY, REPO, RunningServer, start_server
+
+GOOD = {"model": "tiny-llama", "prompt": "Hi", "model_parameters": {"temperature": 0, "max_tokens": 2}}
+
+
+@pytest.mark.parametrize("headers", [{}, {"x-api-key": "wrong"}, {"x-api-key": ""}])
+def test_missing_or_wrong_key_is_401_json(server: RunningServer, headers: dict) -> None:
+    for method, path, body in [("POST", "/v4/completions", GOOD), ("GET", "/v4/models", None)]:
+        response = httpx.request(method, server.base_url + path, json=body, headers=headers, timeout=30)
+        assert response.status_code == 401
+        assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_sdk_with_wrong_key_raises_authentication_error(server: RunningServer) -> None:
+    client = SGPClient(api_key="wrong", base_url=server.base_url, max_retries=0)
+    with pytest.raises(AuthenticationError):
+        client.completions.create(model="tiny-llama", prompt="hi")
+
+
+def test_every_configured_key_works_and_usage_is_attributed(server: RunningServer) -> None:
+    for key in (API_KEY, OTHER_KEY):
+        with server.client(api_key=key) as http:
+            assert http.post("/v4/completions", json=GOOD).status_code == 200
+    # The key "test-key:acct-1" names its account; the server logs usage against it.
+    assert "account=acct-1" in server.log()
+
+
+def test_health_and_readiness_need_no_key(server: RunningServer) -> None:
+    assert httpx.get(server.base_url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(server.base_url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_models_lists_ids_aliases_sources_and_state(server: RunningServer) -> None:
+    with server.client() as http:
+        models = {m["id"]: m for m in http.get("/v4/models").json()["models"]}
+    tiny = models["tiny-llama"]
+    assert tiny["state"] == "ready"
+    assert tiny["aliases"] == ["tiny"]
+    assert tiny["source"] == "builtin:tiny-llama"
+    assert tiny["engine"] == "vllm"
+    assert models["tiny-chat"]["state"] in {"not_loaded", "loading", "ready"}
+
+
+def test_open_server_binds_loopback_and_says_so(tmp_path) -> None:
+    # No keys, no preload: the server starts without loading an engine.
+    server = start_server(tmp_path, api_keys=None, wait_path="/healthz", ready_timeout=120)
+    try:
+        assert "without authentication, bound to 127.0.0.1 only" in server.log()
+        response = httpx.get(server.base_url + "/v4/models", timeout=30)
+        assert response.status_code == 200
+        # Nothing preloaded: ready at once, and models not loaded until asked for.
+        assert httpx.get(server.base_url + "/readyz").status_code == 200
+        states = {m["id"]: m["state"] for m in response.json()["models"]}
+        assert states["tiny-llama"] == "not_loaded"
+    finally:
+        server.stop()
+
+
+def _serve_with(tmp_path, registry_text: str) -> subprocess.CompletedProcess[str]:
+    bad = tmp_path / "operator.yaml"
+    bad.write_text(registry_text)
+    return subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--port", "0", "--registry", str(bad)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_bad_registry_key_fails_start_up_naming_file_model_and_key(tmp_path) -> None:
+    result = _serve_with(tmp_path, "models:\n  my-finetune:\n    source: /data/ckpt\n    dtpye: float32\n")
+    assert result.returncode == 2
+    assert "operator.yaml" in result.stderr
+    assert "model 'my-finetune'" in result.stderr
+    assert "key 'dtpye'" in result.stderr
+
+
+def test_bad_registry_value_fails_start_up(tmp_path) -> None:
+    result = _serve_with(tmp_path, "models:\n  my-finetune:\n    source: /data/ckpt\n    dtype: float8\n")
+    assert result.returncode == 2
+    assert "model 'my-finetune': key 'dtype'" in result.stderr
+
+
+def test_preload_of_unknown_model_fails_start_up(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--port", "0", "--preload", "nope"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--preload nope" in result.stderr
