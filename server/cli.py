@@ -11,8 +11,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from server.registry import RegistryError, load_registry
+from server.inventory import WeightSource, serving_entry, weight_sources, weights_present
+from server.registry import SHIPPED_REGISTRY, RegisteredModel, Registry, RegistryError, load_registry
 from server.settings import LOOPBACK, Settings
+from server.weights import BUILTIN_PREFIX, HubError, HubUnreachableError, hub, local_dir
 
 logger = logging.getLogger("server")
 
@@ -25,23 +27,63 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", help="address to bind (default: loopback unless API keys are set)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    serve.add_argument(
-        "--registry", action="append", type=Path, dest="registry_files", metavar="FILE",
-        help="operator registry file laid over the shipped one (repeatable)",
-    )
+    _add_registry_option(serve)
     serve.add_argument(
         "--preload", action="append", metavar="ID", help="load this model at start-up (repeatable)"
     )
     serve.add_argument("--api-keys-file", type=Path, help="file of API keys, one 'key' or 'key:account' a line")
-    serve.add_argument("--home", type=Path, help="where builtin models are generated (default ~/.cache/v4serve)")
+    _add_home_option(serve)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--memory-budget", metavar="SIZE",
+        help="memory engines may use per device, e.g. 70GiB (default: 90%% of each GPU, or of RAM without GPUs)",
+    )
+    serve.add_argument(
+        "--keep-alive", type=float, metavar="SECONDS", help="unload a model unused this long (default: never)"
+    )
+    serve.add_argument(
+        "--sleep-mode", action="store_true", default=None,
+        help="on GPUs, park idle models' weights in host memory instead of unloading them",
+    )
+    serve.add_argument(
+        "--shutdown-timeout", type=float, metavar="SECONDS",
+        help="how long running requests may finish after SIGTERM (default 30)",
+    )
+    check = commands.add_parser(
+        "check", help="validate the merged registry without weights; exit 1 on problems"
+    )
+    _add_registry_option(check)
+    listing = commands.add_parser(
+        "models", help="list the registered models and whether their weights are here"
+    )
+    _add_registry_option(listing)
+    _add_home_option(listing)
+    pull = commands.add_parser(
+        "pull", help="download models' weights into the Hugging Face cache (HF_TOKEN for gated repos)"
+    )
+    pull.add_argument("model_ids", nargs="+", metavar="ID", help="model ID or alias")
+    _add_registry_option(pull)
     return parser
+
+
+def _add_registry_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--registry", action="append", type=Path, dest="registry_files", metavar="FILE",
+        help="operator registry file laid over the shipped one (repeatable)",
+    )
+
+
+def _add_home_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", type=Path, help="where builtin models are generated (default ~/.cache/v4serve)")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     given = {
         name: value
-        for name in ("host", "port", "registry_files", "preload", "api_keys_file", "home", "log_level")
+        for name in (
+            "host", "port", "registry_files", "preload", "api_keys_file", "home", "log_level",
+            "memory_budget", "keep_alive", "sleep_mode", "shutdown_timeout",
+        )
         if (value := getattr(args, name, None)) is not None
     }
     return Settings(**given)
@@ -77,8 +119,113 @@ def serve(settings: Settings) -> int:
                 "who can reach this address can use every model", host
             )
     logger.info("serving %d models from the registry on http://%s:%d", len(registry), host, settings.port)
-    uvicorn.run(app, host=host, port=settings.port, log_level=settings.log_level, access_log=False)
+    # On SIGTERM uvicorn stops accepting connections, gives running requests
+    # shutdown_timeout seconds, cancels the rest (which aborts them in their engines),
+    # then the app's lifespan shuts every engine down.
+    uvicorn.run(
+        app,
+        host=host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+    )
     return 0
+
+
+def check(settings: Settings) -> int:
+    """Print one line per registry problem; 1 if any is an error."""
+    from server.registry.check import check_registry
+
+    # vLLM is imported only for its list of architectures; its start-up chatter would
+    # bury the problems.
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+    files = ", ".join(str(path) for path in [SHIPPED_REGISTRY, *settings.registry_files])
+    try:
+        registry = load_registry(settings.registry_files)
+    except RegistryError as exc:
+        print(exc)
+        return 1
+    problems = check_registry(registry)
+    for problem in problems:
+        print(problem)
+    errors = sum(not problem.warning for problem in problems)
+    counts = f"{errors} error(s), {len(problems) - errors} warning(s)"
+    if errors:
+        print(f"{files}: {counts}")
+        return 1
+    print(f"ok: {len(registry)} models in {files}; {counts}")
+    return 0
+
+
+def models(settings: Settings) -> int:
+    """Print the registered models as a table, with whether their weights are here."""
+    registry = load_registry(settings.registry_files)
+    rows = [("ID", "SOURCE", "ARCHITECTURE", "ENGINE", "CONTEXT", "GPUS", "LOCAL")]
+    rows += [_model_row(registered, registry, settings.home) for registered in registry]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _model_row(registered: RegisteredModel, registry: Registry, home: Path) -> tuple[str, ...]:
+    """A LoRA entry shows its base's facts: the base's engine is the one that serves it."""
+    entry = registered.entry
+    source = f"{entry.base} + {entry.adapter}" if entry.is_adapter else entry.source or ""
+    serving = serving_entry(registered, registry)
+    facts = ("?",) * 4
+    if serving is not None:
+        facts = (
+            serving.architecture or "?",
+            serving.engine,
+            str(serving.max_model_len or "config"),
+            str(serving.tensor_parallel_size),
+        )
+    present = "yes" if weights_present(registered, registry, home) else "no"
+    return (registered.model_id, source, *facts, present)
+
+
+def pull(settings: Settings, names: Sequence[str]) -> int:
+    """Download what the Hugging Face cache lacks of each named model's weights."""
+    registry = load_registry(settings.registry_files)
+    repos: dict[str, WeightSource] = {}
+    failed = False
+    for name in names:
+        registered = registry.resolve(name)
+        if registered is None:
+            hosted = name in registry.hosted_vendor_ids
+            reason = "a hosted vendor model with no open weights" if hosted else "not in the registry"
+            print(f"v4serve: model '{name}' is {reason}", file=sys.stderr)
+            failed = True
+            continue
+        for weights in weight_sources(registered, registry):
+            if weights.source.startswith(BUILTIN_PREFIX):
+                print(f"{name}: {weights.source} is generated on first use; nothing to download")
+            elif local_dir(weights.source) is not None:
+                print(f"{name}: {weights.source} is a local directory; nothing to download")
+            else:
+                repos.setdefault(weights.source, weights)
+    gated = [repo for repo, weights in repos.items() if weights.gated]
+    if gated and not hub.has_token():
+        print(
+            f"v4serve: HF_TOKEN is not set, and these repos are gated: {', '.join(gated)}; accept "
+            "each licence on the hub and set HF_TOKEN, or their downloads will be refused",
+            file=sys.stderr,
+        )
+    for repo, weights in repos.items():
+        try:
+            folder = hub.ensure_snapshot(repo, weights.revision)
+        except HubUnreachableError as exc:
+            # Every other repo would wait on the same unreachable hub.
+            print(f"v4serve: {exc}", file=sys.stderr)
+            return 1
+        except HubError as exc:
+            print(f"v4serve: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"{repo}: {folder}")
+    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,6 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(settings)
+        if args.command == "check":
+            return check(settings)
+        if args.command == "models":
+            return models(settings)
+        if args.command == "pull":
+            return pull(settings, args.model_ids)
     except (RegistryError, ValueError, OSError) as exc:
         print(f"v4serve: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,22 @@ class RunningServer:
     def client(self, api_key: str | None = API_KEY, timeout: float = 120.0) -> httpx.Client:
         headers = {"x-api-key": api_key} if api_key else {}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def running_requests(self, model: str) -> int:
+        """The engine's in-flight count for ``model``, as ``GET /v4/models`` reports it."""
+        with self.client() as http:
+            models = http.get("/v4/models").json()["models"]
+        return next(m["running_requests"] for m in models if m["id"] == model)
+
+    def wait_for_running(self, model: str, predicate: Callable[[int], bool], timeout: float) -> float:
+        """Seconds until ``predicate(running_requests)`` holds; fails after ``timeout``."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if predicate(self.running_requests(model)):
+                return time.monotonic() - start
+            time.sleep(0.05)
+        now = self.running_requests(model)
+        raise AssertionError(f"running_requests never satisfied the condition (now {now})")
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM as an operator would, then make sure no process of the group is left."""

@@ -15,7 +15,7 @@ from server.api.auth import KeyRing
 from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit
 from server.api.routes import router
-from server.pool import EnginePool
+from server.pool import EnginePool, discover_devices
 from server.registry import Registry
 from server.service import CompletionService
 from server.settings import Settings
@@ -39,16 +39,25 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
         if name not in registry:
             raise ValueError(f"--preload {name}: no such model or alias in the registry")
     keys = KeyRing.from_sources(settings.api_keys, settings.api_keys_file)
-    pool = EnginePool(registry, home=settings.home, load_timeout=settings.load_timeout)
-    state = AppState(pool=pool, service=CompletionService(pool), keys=keys, preload=tuple(settings.preload))
+    pool = EnginePool(
+        registry,
+        home=settings.home,
+        devices=discover_devices(settings.memory_budget),
+        load_timeout=settings.load_timeout,
+        keep_alive=settings.keep_alive,
+        sleep_mode=settings.sleep_mode,
+    )
+    state = AppState(
+        pool=pool, service=CompletionService(pool), keys=keys, preload=pool.startup_models(settings.preload)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # Preload in the background: /healthz answers at once, /readyz once loaded.
-        if state.preload:
-            task = asyncio.create_task(_preload(pool, state.preload))
-            state.background.add(task)
-            task.add_done_callback(state.background.discard)
+        # Pinned and preloaded models load in the background: /healthz answers at once,
+        # /readyz once they are loaded.
+        task = asyncio.create_task(pool.start(state.preload))
+        state.background.add(task)
+        task.add_done_callback(state.background.discard)
         try:
             yield
         finally:
@@ -63,10 +72,3 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
 
-
-async def _preload(pool: EnginePool, names: tuple[str, ...]) -> None:
-    for name in names:
-        try:
-            await pool.acquire(name)
-        except Exception as exc:  # reported in /v4/models; other models still load
-            logger.error("preloading %s failed: %s", name, exc)

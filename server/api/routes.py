@@ -28,8 +28,11 @@ async def create_completion(
     service = request.app.state.v4.service
     pending = await service.prepare(body, account)
     if body.stream:
-        return EventStreamResponse(sse_events(pending.chunks()))
-    result = await cancel_on_disconnect(request, pending.result())
+        return EventStreamResponse(sse_events(pending.chunks()), on_close=pending.close)
+    try:
+        result = await cancel_on_disconnect(request, pending.result())
+    finally:
+        pending.close()
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return Response(result.model_dump_json(), media_type="application/json")
@@ -44,9 +47,16 @@ async def list_models(request: Request) -> dict[str, Any]:
                 "id": s.model_id,
                 "aliases": list(s.aliases),
                 "source": s.source,
+                "base": s.base,
+                "adapter": s.adapter,
                 "engine": s.engine,
                 "state": s.state.value,
                 "running_requests": s.running,
+                "queued_requests": s.queued,
+                "pinned": s.pinned,
+                "memory_bytes": s.memory,
+                "devices": s.devices,
+                "idle_seconds": s.idle_seconds,
                 "load_seconds": s.load_seconds,
                 "error": s.error,
             }

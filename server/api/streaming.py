@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -59,6 +59,10 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
+    def __init__(self, content: AsyncIterator[bytes], *, on_close: Callable[[], None]):
+        super().__init__(content)
+        self._on_close = on_close
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = asyncio.ensure_future(self.stream_response(send))
         disconnect = asyncio.ensure_future(self.listen_for_disconnect(receive))
@@ -70,6 +74,7 @@ class EventStreamResponse(StreamingResponse):
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await stream
             await _close(self.body_iterator)
+            self._on_close()
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:

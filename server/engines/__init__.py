@@ -1,6 +1,7 @@
-"""Engines: the code that runs a model (vLLM here; more kinds plug in beside it)."""
+"""Engines: the code that runs a model (vLLM, and transformers for what vLLM does not run)."""
 
 from server.engines.base import (
+    AdapterRef,
     Engine,
     EngineStats,
     GenerationDelta,
@@ -8,4 +9,11 @@ from server.engines.base import (
     SamplingOptions,
 )
 
-__all__ = ["Engine", "EngineStats", "GenerationDelta", "PreparedRequest", "SamplingOptions"]
+__all__ = [
+    "AdapterRef",
+    "Engine",
+    "EngineStats",
+    "GenerationDelta",
+    "PreparedRequest",
+    "SamplingOptions",
+]

@@ -29,6 +29,30 @@ class SamplingOptions:
     strict_max_tokens: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class AdapterRef:
+    """A LoRA adapter that a base model's engine serves beside the base itself.
+
+    An adapter has no engine of its own: the pool starts the base's engine with every
+    adapter registered on that base, and a request picks one by ``name``, the adapter's
+    public model ID.
+    """
+
+    name: str
+    path: str  # the local directory of its weights
+    rank: int  # LoRA rank r, from its adapter_config.json
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchOptions:
+    """How the pool wants an engine started: where, with how much memory, and whether
+    it may be put to sleep instead of being unloaded."""
+
+    visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES for the engine's processes
+    memory_share: float | None = None  # share of each device, when the entry names no size
+    enable_sleep: bool = False
+
+
 @dataclass(slots=True)
 class PreparedRequest:
     """A tokenized, validated request, ready for ``Engine.generate``."""
@@ -36,6 +60,7 @@ class PreparedRequest:
     prompt_tokens: int
     sampling: SamplingOptions
     engine_input: Any = field(repr=False)
+    adapter: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +76,10 @@ class GenerationDelta:
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     running: int
+    # The most sequences one model step has served since start: proof that concurrent
+    # requests share steps. None where the engine does not say (vLLM batches inside
+    # its own scheduler).
+    peak_batch_size: int | None = None
 
 
 class Engine(ABC):
@@ -65,9 +94,18 @@ class Engine(ABC):
 
     @abstractmethod
     async def prepare(
-        self, prompt: str, sampling: SamplingOptions, *, add_special_tokens: bool = True
+        self,
+        prompt: str,
+        sampling: SamplingOptions,
+        *,
+        add_special_tokens: bool = True,
+        adapter: str | None = None,
     ) -> PreparedRequest:
-        """Tokenize and validate; raises ``InvalidRequestError`` for what the model refuses."""
+        """Tokenize and validate; raises ``InvalidRequestError`` for what the model refuses.
+
+        ``adapter`` names one of the ``AdapterRef`` the engine was started with; the
+        prompt is tokenized by the base model's tokenizer either way.
+        """
 
     @abstractmethod
     def generate(self, request: PreparedRequest, request_id: str) -> AsyncIterator[GenerationDelta]:
@@ -84,3 +122,19 @@ class Engine(ABC):
 
     @abstractmethod
     async def shutdown(self) -> None: ...
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine can no longer serve (its processes died)."""
+        return True
+
+    @property
+    def supports_sleep(self) -> bool:
+        """Whether ``sleep`` frees the engine's device memory while keeping it warm."""
+        return False
+
+    async def sleep(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot sleep")
+
+    async def wake_up(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot sleep")

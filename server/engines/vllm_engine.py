@@ -11,16 +11,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import typing
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from server.engines.base import (
+    AdapterRef,
     Engine,
     EngineStats,
     GenerationDelta,
+    LaunchOptions,
     PreparedRequest,
     SamplingOptions,
 )
+from server.engines.rules import fit_to_context, render_chat
 from server.errors import EngineError, InvalidRequestError, UnavailableError
 from server.registry import ModelEntry
 
@@ -30,8 +36,20 @@ logger = logging.getLogger(__name__)
 # of the NUMA node's RAM) refuses to start on small machines.
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
+# vLLM reserves buffers for this many adapters in one batch; with more adapters on one
+# base, the others wait for a free slot.
+MAX_LORAS_PER_BATCH = 8
 
-def build_engine_args(model_id: str, entry: ModelEntry, weights: str, *, on_cpu: bool) -> Any:
+
+def build_engine_args(
+    model_id: str,
+    entry: ModelEntry,
+    weights: str,
+    *,
+    on_cpu: bool,
+    adapters: Sequence[AdapterRef],
+    launch: LaunchOptions = LaunchOptions(),
+) -> Any:
     """Registry entry -> ``AsyncEngineArgs``; the only place that mapping is written."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -54,8 +72,33 @@ def build_engine_args(model_id: str, entry: ModelEntry, weights: str, *, on_cpu:
         kwargs["kv_cache_memory_bytes"] = int(entry.kv_cache_memory)
     elif on_cpu:
         kwargs["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
+    elif entry.gpu_memory_utilization is None and launch.memory_share is not None:
+        # The pool's share of the device: shares of engines on one GPU add up to its budget.
+        kwargs["gpu_memory_utilization"] = launch.memory_share
+    if launch.enable_sleep and not on_cpu:
+        kwargs["enable_sleep_mode"] = True
+    kwargs.update(lora_engine_args(adapters))
     kwargs.update(entry.engine_args)
     return AsyncEngineArgs(**kwargs)
+
+
+def lora_engine_args(adapters: Sequence[AdapterRef]) -> dict[str, Any]:
+    """LoRA settings for a base engine serving ``adapters``; none leaves LoRA off.
+
+    The base entry's ``engine_args`` override these settings.
+    """
+    if not adapters:
+        return {}
+    from vllm.config.lora import MaxLoRARanks
+
+    rank = max(a.rank for a in adapters)
+    # vLLM sizes its buffers for one of a few ranks; a smaller adapter fits a larger one.
+    buffer_rank = min((r for r in typing.get_args(MaxLoRARanks) if r >= rank), default=rank)
+    return {
+        "enable_lora": True,
+        "max_loras": min(len(adapters), MAX_LORAS_PER_BATCH),
+        "max_lora_rank": buffer_rank,
+    }
 
 
 def running_on_cpu() -> bool:
@@ -65,34 +108,48 @@ def running_on_cpu() -> bool:
 
 
 class VLLMEngine(Engine):
-    def __init__(self, model_id: str, llm: Any):
+    def __init__(self, model_id: str, llm: Any, adapters: Sequence[AdapterRef], *, sleep_enabled: bool = False):
+        from vllm.lora.request import LoRARequest
         from vllm.renderers.inputs.preprocess import parse_model_prompt
 
         self.model_id = model_id
         self._llm = llm
         self._parse_prompt = parse_model_prompt
         self.max_model_len = llm.model_config.max_model_len
+        self._sleep_enabled = sleep_enabled
+        # vLLM caches a loaded adapter under its int ID, so each name keeps one ID.
+        self._loras = {
+            a.name: LoRARequest(a.name, lora_id, a.path) for lora_id, a in enumerate(adapters, start=1)
+        }
 
     @classmethod
-    async def start(cls, model_id: str, entry: ModelEntry, weights: str) -> VLLMEngine:
+    async def start(
+        cls,
+        model_id: str,
+        entry: ModelEntry,
+        weights: str,
+        adapters: Sequence[AdapterRef],
+        launch: LaunchOptions = LaunchOptions(),
+    ) -> VLLMEngine:
         """Create the engine off the event loop: construction blocks for seconds."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = build_engine_args(model_id, entry, weights, on_cpu=running_on_cpu())
-        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        return cls(model_id, llm)
+        args = build_engine_args(
+            model_id, entry, weights, on_cpu=running_on_cpu(), adapters=adapters, launch=launch
+        )
+        llm = await asyncio.to_thread(_with_visible_devices, launch.visible_devices, AsyncLLM.from_engine_args, args)
+        return cls(model_id, llm, adapters, sleep_enabled=launch.enable_sleep and not running_on_cpu())
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
-        tokenizer = self._llm.get_tokenizer()
-        if not getattr(tokenizer, "chat_template", None):
-            raise InvalidRequestError(
-                f"model '{self.model_id}' is registered with prompt_format: chat, "
-                "but its tokenizer has no chat template"
-            )
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return render_chat(self._llm.get_tokenizer(), self.model_id, messages)
 
     async def prepare(
-        self, prompt: str, sampling: SamplingOptions, *, add_special_tokens: bool = True
+        self,
+        prompt: str,
+        sampling: SamplingOptions,
+        *,
+        add_special_tokens: bool = True,
+        adapter: str | None = None,
     ) -> PreparedRequest:
         from vllm.exceptions import VLLMValidationError
 
@@ -109,28 +166,10 @@ class VLLMEngine(Engine):
         prompt_tokens = len(engine_input["prompt_token_ids"])
         return PreparedRequest(
             prompt_tokens=prompt_tokens,
-            sampling=self._fit_to_context(prompt_tokens, sampling),
+            sampling=fit_to_context(self.model_id, self.max_model_len, prompt_tokens, sampling),
             engine_input=engine_input,
+            adapter=adapter,
         )
-
-    def _fit_to_context(self, prompt_tokens: int, sampling: SamplingOptions) -> SamplingOptions:
-        room = self.max_model_len - prompt_tokens
-        if room < 1:
-            raise InvalidRequestError(
-                f"the prompt is {prompt_tokens} tokens long, but model '{self.model_id}' has a "
-                f"context length of {self.max_model_len} tokens, which leaves no room to generate",
-                param="prompt",
-            )
-        if sampling.max_tokens <= room:
-            return sampling
-        if sampling.strict_max_tokens:
-            raise InvalidRequestError(
-                f"prompt ({prompt_tokens} tokens) plus max_tokens ({sampling.max_tokens}) exceeds "
-                f"the context length of model '{self.model_id}' ({self.max_model_len} tokens); "
-                f"ask for at most {room} tokens",
-                param="model_parameters.max_tokens",
-            )
-        return dataclasses.replace(sampling, max_tokens=room)
 
     @staticmethod
     def _sampling_params(options: SamplingOptions) -> Any:
@@ -153,17 +192,21 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.exceptions import EngineDeadError
 
         params = self._sampling_params(request.sampling)
+        lora = self._loras[request.adapter] if request.adapter is not None else None
         completion_tokens = 0
         try:
-            async for output in self._llm.generate(request.engine_input, params, request_id):
-                step = output.outputs[0]
-                completion_tokens += len(step.token_ids)
-                yield GenerationDelta(
-                    text=step.text,
-                    prompt_tokens=request.prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    finish_reason=step.finish_reason if output.finished else None,
-                )
+            async with aclosing(
+                self._llm.generate(request.engine_input, params, request_id, lora_request=lora)
+            ) as outputs:
+                async for output in outputs:
+                    step = output.outputs[0]
+                    completion_tokens += len(step.token_ids)
+                    yield GenerationDelta(
+                        text=step.text,
+                        prompt_tokens=request.prompt_tokens,
+                        completion_tokens=completion_tokens,
+                        finish_reason=step.finish_reason if output.finished else None,
+                    )
         except EngineDeadError as exc:
             raise UnavailableError(
                 f"the engine serving model '{self.model_id}' stopped unexpectedly", retry_after=5
@@ -184,3 +227,38 @@ class VLLMEngine(Engine):
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._llm.shutdown)
+
+    @property
+    def alive(self) -> bool:
+        return not self._llm.errored
+
+    @property
+    def supports_sleep(self) -> bool:
+        return self._sleep_enabled
+
+    async def sleep(self) -> None:
+        # Level 1: weights go to host memory and the KV cache is dropped, so waking takes
+        # seconds instead of a reload (vLLM's sleep mode, CUDA only).
+        await self._llm.sleep(level=1)
+
+    async def wake_up(self) -> None:
+        await self._llm.wake_up()
+
+
+def _with_visible_devices(devices: str | None, create: Any, args: Any) -> Any:
+    """Run ``create(args)`` with CUDA_VISIBLE_DEVICES set for the processes it spawns.
+
+    vLLM's engine processes read the variable when they start; the pool starts engines
+    one at a time, so setting it around the call cannot leak into another engine.
+    """
+    if devices is None:
+        return create(args)
+    previous = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    try:
+        return create(args)
+    finally:
+        if previous is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = previous

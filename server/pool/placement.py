@@ -49,17 +49,21 @@ class DevicePlanner:
     def free(self, device: Device) -> int:
         return device.budget - sum(self._used[device.index].values())
 
-    def place(self, model_id: str, need: int, tensor_parallel_size: int = 1) -> Placement | None:
+    def place(
+        self, model_id: str, need: int, tensor_parallel_size: int = 1, *, on: tuple[Device, ...] | None = None
+    ) -> Placement | None:
         """Devices for ``model_id``, or ``None`` when it does not fit beside what is loaded.
 
         Of the devices with room, the fullest are chosen first, so models pack together
-        and whole devices stay free for large models that need them.
+        and whole devices stay free for large models that need them. ``on`` restricts the
+        choice to given devices: a sleeping engine wakes where its processes live.
         """
         if tensor_parallel_size > len(self.devices):
             return None
         per_device = -(-need // tensor_parallel_size)
         candidates = sorted(
-            (d for d in self.devices if self.free(d) >= per_device), key=lambda d: (self.free(d), d.index or 0)
+            (d for d in (on or self.devices) if self.free(d) >= per_device),
+            key=lambda d: (self.free(d), d.index or 0),
         )
         if len(candidates) < tensor_parallel_size:
             return None

@@ -64,12 +64,30 @@ class Registry:
         for model_id, registered in self._models.items():
             for alias in registered.entry.aliases:
                 self._claim(alias, model_id, f"{registered.origin}: model '{model_id}': key 'aliases'")
+            self._check_base(registered)
         for alias in (aliases or {}).values():
             if alias.target not in self._names:
                 raise RegistryError(
                     f"{alias.origin}: key 'aliases.{alias.name}': '{alias.target}' is not a registered model"
                 )
             self._claim(alias.name, self._names[alias.target], f"{alias.origin}: key 'aliases.{alias.name}'")
+
+    def _check_base(self, registered: RegisteredModel) -> None:
+        """A LoRA adapter runs on its base's vLLM engine, so the base must be one."""
+        base_id = registered.entry.base
+        if base_id is None:
+            return
+        where = f"{registered.origin}: model '{registered.model_id}': key 'base'"
+        base = self._models.get(base_id)
+        if base is None:
+            raise RegistryError(f"{where}: '{base_id}' is not a registered model ID")
+        if base.entry.is_adapter:
+            raise RegistryError(f"{where}: '{base_id}' is itself a LoRA adapter, not a base model")
+        if base.entry.engine != "vllm":
+            raise RegistryError(
+                f"{where}: LoRA adapters are served by vLLM, and '{base_id}' uses engine "
+                f"'{base.entry.engine}'"
+            )
 
     def _claim(self, name: str, model_id: str, where: str) -> None:
         owner = self._names.get(name)

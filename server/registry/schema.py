@@ -72,6 +72,13 @@ class ModelEntry(BaseModel):
         default=None, description="memory the engine needs in all: weights plus KV cache"
     )
     gated: bool = Field(default=False, description="the hub repo needs an accepted licence and HF_TOKEN")
+    # How the engine pool treats the model (see server/pool).
+    pinned: bool = Field(default=False, description="load at start-up and never unload")
+    keep_alive: float | None = Field(
+        default=None, gt=0, description="seconds unused before unloading; default: the server's --keep-alive"
+    )
+    max_running: int = Field(default=256, ge=1, description="requests admitted into the engine at once")
+    max_queued: int = Field(default=512, ge=0, description="requests waiting beyond max_running; then 429")
 
     @model_validator(mode="after")
     def _source_or_adapter(self) -> ModelEntry:

@@ -13,9 +13,9 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from server.engines import Engine, GenerationDelta, PreparedRequest
+from server.engines import GenerationDelta, PreparedRequest
 from server.errors import InvalidRequestError, ServingError
-from server.pool import EnginePool
+from server.pool import EnginePool, Lease
 from server.protocol import Completion, CompletionRequest, CompletionResponse, TokenUsage
 from server.service.prompts import build_prompt
 from server.service.sampling import sampling_options
@@ -24,13 +24,21 @@ logger = logging.getLogger(__name__)
 
 
 class PendingCompletion:
-    """A validated request whose tokens have not been generated yet."""
+    """A validated request whose tokens have not been generated yet.
 
-    def __init__(self, engine: Engine, prepared: PreparedRequest, request_id: str, account_id: str | None):
-        self._engine = engine
+    It holds the request's lease on the engine until ``close``, which its owner must call
+    however the request ends: generation may never start if the client leaves first.
+    """
+
+    def __init__(self, lease: Lease, prepared: PreparedRequest, request_id: str, account_id: str | None):
+        self._lease = lease
+        self._engine = lease.engine
         self._prepared = prepared
         self.request_id = request_id
         self._account_id = account_id
+
+    def close(self) -> None:
+        self._lease.release()
 
     async def result(self) -> CompletionResponse:
         pieces: list[str] = []
@@ -65,7 +73,8 @@ class PendingCompletion:
         logger.info(
             "completion %s model=%s account=%s prompt_tokens=%d completion_tokens=%d %s",
             self.request_id,
-            self._engine.model_id,
+            # Usage is per served model: an adapter's, not its base's.
+            self._prepared.adapter or self._engine.model_id,
             self._account_id or "-",
             self._prepared.prompt_tokens,
             last.completion_tokens if last is not None else 0,
@@ -104,9 +113,18 @@ class CompletionService:
                 f"model '{request.model}' does not accept images; send images only to a vision model",
                 param="images",
             )
-        engine = await self._pool.acquire(request.model)
-        prompt = build_prompt(request.prompt, registered.entry, engine)
-        options = sampling_options(request.model_parameters, registered.entry)
-        prepared = await engine.prepare(prompt.text, options, add_special_tokens=prompt.add_special_tokens)
+        lease = await self._pool.lease(request.model)
+        try:
+            engine = lease.engine
+            prompt = build_prompt(request.prompt, registered.entry, engine)
+            options = sampling_options(request.model_parameters, registered.entry)
+            # A LoRA entry is served by its base's engine, which knows the adapter by its model ID.
+            adapter = registered.model_id if registered.entry.is_adapter else None
+            prepared = await engine.prepare(
+                prompt.text, options, add_special_tokens=prompt.add_special_tokens, adapter=adapter
+            )
+        except BaseException:
+            lease.release()
+            raise
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        return PendingCompletion(engine, prepared, request_id, request.account_id or account_id)
+        return PendingCompletion(lease, prepared, request_id, request.account_id or account_id)

@@ -1,0 +1,127 @@
+"""Whether every entry of a merged registry can be served, decided without the weights.
+
+Loading a registry already validates each file against the schema and refuses an ID or
+alias defined twice, or a LoRA entry without a vLLM base. What loading cannot know is
+what the installed engines run: an architecture vLLM dropped, or a tensor-parallel size
+that does not divide the attention heads. Those would otherwise surface one model at a
+time, minutes into a load on a GPU machine; ``v4serve check`` finds them all at once.
+
+The facts come from the entry's own keys (``architecture``, ``attention_heads``), or,
+for an operator's local checkpoint that does not state them, from its ``config.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.registry.loader import RegisteredModel, Registry
+from server.weights import local_dir
+
+
+@dataclass(frozen=True)
+class Problem:
+    origin: Path
+    model_id: str
+    key: str
+    message: str
+    warning: bool = False
+
+    def __str__(self) -> str:
+        severity = "warning: " if self.warning else ""
+        return f"{self.origin}: {severity}model '{self.model_id}': key '{self.key}': {self.message}"
+
+
+def check_registry(registry: Registry) -> list[Problem]:
+    """Every problem of every entry; warnings are things check could not decide."""
+    problems: list[Problem] = []
+    for registered in registry:
+        # An adapter runs on its base's engine; loading has checked that base already.
+        if not registered.entry.is_adapter:
+            problems += _check_model(registered)
+    return problems
+
+
+def _check_model(registered: RegisteredModel) -> list[Problem]:
+    entry = registered.entry
+
+    def problem(key: str, message: str, *, warning: bool = False) -> Problem:
+        return Problem(registered.origin, registered.model_id, key, message, warning)
+
+    config = _local_config(entry.source or "")
+    if isinstance(config, str):
+        return [problem("source", config)]
+    architecture = entry.architecture or _first(config.get("architectures"))
+    heads = entry.attention_heads or config.get("num_attention_heads") or config.get("n_head")
+    problems = []
+    if architecture is None:
+        problems.append(
+            problem(
+                "architecture",
+                "not set, and the source is no local checkpoint whose config.json says it; "
+                "set it so check can tell whether the engine runs the model",
+                warning=True,
+            )
+        )
+    else:
+        refusal = _engine_refusal(entry.engine, architecture)
+        if refusal:
+            problems.append(problem("architecture", refusal))
+    tp = entry.tensor_parallel_size
+    if isinstance(heads, int) and heads % tp:
+        fitting = [n for n in range(1, 9) if heads % n == 0]
+        problems.append(
+            problem(
+                "tensor_parallel_size",
+                f"{tp} does not divide the model's {heads} attention heads "
+                f"(sizes up to 8 that do: {', '.join(map(str, fitting))})",
+            )
+        )
+    return problems
+
+
+def _engine_refusal(engine: str, architecture: str) -> str | None:
+    """Why ``engine`` cannot run ``architecture``, or None when it can."""
+    import transformers
+
+    in_transformers = hasattr(transformers, architecture)
+    if engine == "transformers":
+        if in_transformers:
+            return None
+        return f"transformers {transformers.__version__} has no model class '{architecture}'"
+    if architecture in _vllm_architectures():
+        return None
+    import vllm
+
+    hint = "; transformers has it: set engine: transformers" if in_transformers else ""
+    return f"vLLM {vllm.__version__} does not run '{architecture}'{hint}"
+
+
+@functools.cache
+def _vllm_architectures() -> frozenset[str]:
+    # Imported only when asked: vLLM takes seconds to import.
+    from vllm.model_executor.models import ModelRegistry
+
+    return frozenset(ModelRegistry.get_supported_archs())
+
+
+def _local_config(source: str) -> dict[str, Any] | str:
+    """A local checkpoint's config.json; {} for other sources; a string says why it is unreadable."""
+    directory = local_dir(source)
+    if directory is None or not directory.is_dir():
+        return {}
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        return f"{path} is not a readable config.json ({exc})"
+    return config if isinstance(config, dict) else f"{path} does not hold a JSON object"
+
+
+def _first(values: Any) -> str | None:
+    return values[0] if isinstance(values, list) and values and isinstance(values[0], str) else None
