@@ -28,23 +28,16 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_PAIR = """\
-models:
-  swap-a:
+TINY_ENTRY = """\
+  {name}:
     source: builtin:tiny-llama
     dtype: float32
     max_model_len: 2048
     kv_cache_memory: 256MiB
     memory: 2GiB
-    engine_args: {enforce_eager: true}
-  swap-b:
-    source: builtin:tiny-llama
-    dtype: float32
-    max_model_len: 2048
-    kv_cache_memory: 256MiB
-    memory: 2GiB
-    engine_args: {enforce_eager: true}
+    engine_args: {{enforce_eager: true}}
 """
+TINY_PAIR = "models:\n" + TINY_ENTRY.format(name="swap-a") + TINY_ENTRY.format(name="swap-b")
 
 
 def free_port() -> int:
