@@ -78,6 +78,9 @@ def test_models_sees_weights_already_in_the_hf_cache(tmp_path: Path) -> None:
     [
         ("dtpye: float16", "dtpye", "Extra inputs are not permitted"),
         ("dtype: float8", "dtype", "Input should be"),
+        ("vision: {placeholder: '<image>', max_image: 2}", "vision.max_image", "Extra inputs are not permitted"),
+        ("vision: {max_images: 2}", "vision.placeholder", "Field required"),
+        ("engine: transformers\n    vision: {placeholder: '<image>'}", "vision", "needs engine: vllm"),
     ],
 )
 def test_load_errors_name_file_model_and_key(tmp_path: Path, entry: str, key: str, complaint: str) -> None:

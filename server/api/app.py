@@ -17,7 +17,7 @@ from server.api.limits import BodySizeLimit
 from server.api.routes import router
 from server.pool import EnginePool, discover_devices
 from server.registry import Registry
-from server.service import CompletionService
+from server.service import CompletionService, ImagePolicy
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,10 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
         sleep_mode=settings.sleep_mode,
     )
     state = AppState(
-        pool=pool, service=CompletionService(pool), keys=keys, preload=pool.startup_models(settings.preload)
+        pool=pool,
+        service=CompletionService(pool, ImagePolicy.from_settings(settings)),
+        keys=keys,
+        preload=pool.startup_models(settings.preload),
     )
 
     @contextlib.asynccontextmanager

@@ -1,9 +1,11 @@
-"""The thread that runs an encoder-decoder model, one batched step at a time.
+"""The thread that runs a model, one batched step at a time.
 
 Model calls block for milliseconds to seconds, so they run on one worker thread and
 never on the event loop. The thread runs a continuous-batching loop: requests that
-arrive while a step runs are encoded before the next step and decode with the others
-from then on; finished and aborted ones leave between steps. Results go back to each
+arrive while a step runs are prefilled (their prompts run through the model) before the
+next step and decode with the others from then on; finished and aborted ones leave
+between steps. What a batch holds depends on the model's kind (``_seq2seq_batch``,
+``_causal_batch``); the loop only needs the ``Batch`` operations. Results go back to each
 request's event loop with ``call_soon_threadsafe``, one call per step.
 """
 
@@ -13,15 +15,14 @@ import asyncio
 import collections
 import logging
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import torch
 
 from server.engines._detokenizer import IncrementalDetokenizer
 from server.engines._sampling import next_tokens
-from server.engines._seq2seq_batch import Seq2SeqBatch
 from server.engines._stop_sequences import StopSequenceFilter
 from server.engines.base import GenerationDelta, SamplingOptions
 from server.errors import EngineError, ServingError, UnavailableError
@@ -29,6 +30,23 @@ from server.errors import EngineError, ServingError, UnavailableError
 logger = logging.getLogger(__name__)
 
 Outcome = GenerationDelta | ServingError
+
+
+class Batch(Protocol):
+    """Sequences decoded together, one row each, in the order they joined."""
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Feed each row its newest token; returns the logits for the token after it."""
+
+    def extend(self, other: Batch) -> None:
+        """Append ``other``'s rows after this batch's."""
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows``."""
+
+
+# New sequences' prompts -> their batch and the logits of their first token.
+Prefill = Callable[[list[list[int]]], tuple[Batch, torch.Tensor]]
 
 
 @dataclass(eq=False)
@@ -83,8 +101,8 @@ class Job:
 
 
 class BatchWorker:
-    def __init__(self, model: Any, *, name: str, max_batch_size: int, eos_token_ids: Collection[int]):
-        self._model = model
+    def __init__(self, prefill: Prefill, *, name: str, max_batch_size: int, eos_token_ids: Collection[int]):
+        self._prefill = prefill
         self._name = name
         self._max_batch_size = max_batch_size
         self._eos_token_ids = frozenset(eos_token_ids)
@@ -92,7 +110,7 @@ class BatchWorker:
         self._inbox: collections.deque[Job] = collections.deque()
         self._closing = False
         self._running = 0
-        self._batch: Seq2SeqBatch | None = None
+        self._batch: Batch | None = None
         self._rows: list[Job] = []  # the job of each batch row, in row order
         self.peak_batch_size = 0
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
@@ -155,8 +173,7 @@ class BatchWorker:
         jobs = [arrivals[row] for row in self._drop_cancelled(arrivals)]
         if not jobs:
             return
-        pad_token_id = self._model.config.pad_token_id
-        batch, logits = Seq2SeqBatch.prefill(self._model, [job.prompt_ids for job in jobs], pad_token_id)
+        batch, logits = self._prefill([job.prompt_ids for job in jobs])
         self._note_batch_size(len(jobs))
         staying = self._advance(jobs, logits)
         if not staying:

@@ -12,7 +12,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +92,12 @@ class Engine(ABC):
     max_model_len: int
 
     @abstractmethod
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
-        """Render a conversation with the model's own template, ready to generate."""
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
+        """Render a conversation with the model's own template, ready to generate.
+
+        A message's content is a string, or a list of parts (``{"type": "text", "text":
+        ...}``, ``{"type": "image"}``) for templates that place images themselves.
+        """
 
     @abstractmethod
     async def prepare(
@@ -100,11 +107,13 @@ class Engine(ABC):
         *,
         add_special_tokens: bool = True,
         adapter: str | None = None,
+        images: Sequence[PIL.Image.Image] = (),
     ) -> PreparedRequest:
         """Tokenize and validate; raises ``InvalidRequestError`` for what the model refuses.
 
         ``adapter`` names one of the ``AdapterRef`` the engine was started with; the
-        prompt is tokenized by the base model's tokenizer either way.
+        prompt is tokenized by the base model's tokenizer either way. ``images`` go with a
+        prompt that already holds one placeholder per image, in order.
         """
 
     @abstractmethod

@@ -10,6 +10,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from jinja2 import TemplateError
+
 from server.engines.base import SamplingOptions
 from server.errors import InvalidRequestError
 
@@ -41,15 +43,27 @@ def fit_to_context(
     return dataclasses.replace(sampling, max_tokens=room)
 
 
-def render_chat(tokenizer: Any, model_id: str, messages: Sequence[dict[str, str]]) -> str:
-    """A conversation rendered with the tokenizer's own template, ready to generate.
+def render_chat(
+    tokenizer: Any, model_id: str, messages: Sequence[dict[str, Any]], template: str | None = None
+) -> str:
+    """A conversation rendered with the model's own template, ready to generate.
 
+    ``template`` replaces the tokenizer's (a vision model's processor may carry its own).
     A registry entry can ask for ``prompt_format: chat`` on a model that has no
-    template; that is the operator's mistake, reported to the caller in words.
+    template; that is the operator's mistake, reported to the caller in words. A template
+    that cannot render the messages (many reject content given as a list of parts) is
+    reported the same way rather than as a server failure.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if not (template or getattr(tokenizer, "chat_template", None)):
         raise InvalidRequestError(
             f"model '{model_id}' is registered with prompt_format: chat, "
             "but its tokenizer has no chat template"
         )
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(
+            list(messages), chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+    except (TemplateError, TypeError) as exc:
+        raise InvalidRequestError(
+            f"the chat template of model '{model_id}' cannot render this prompt ({exc})"
+        ) from exc

@@ -1,22 +1,30 @@
 """A model served by Hugging Face transformers, for what vLLM does not run.
 
-vLLM dropped encoder-decoder models, and flan-t5-xxl is one (T5). A registry entry
-with ``engine: transformers`` is served here instead, with the contract behaviour of
-the vLLM engine: the same context-length errors, stop sequences cut out of the text
-in both modes, exact token counts, abort on disconnect, and concurrent requests
-decoded together in one batch (``_batch_worker``) rather than one after another.
+vLLM dropped encoder-decoder models, and flan-t5-xxl is one (T5); it also dropped
+architectures such as MPT (after 0.28). A registry entry with ``engine: transformers``
+is served here instead, with the contract behaviour of the vLLM engine: the same
+context-length errors, stop sequences cut out of the text in both modes, exact token
+counts, abort on disconnect, and concurrent requests decoded together in one batch
+(``_batch_worker``) rather than one after another.
+
+Two kinds of model are served, each batched its own way: T5-family encoder-decoders
+(``_seq2seq_batch``) and decoder-only causal LMs (``_causal_batch``), each limited to
+the model types whose batched output is known to equal their output alone. Anything
+else is refused at load, and by ``v4serve check`` (``architecture_refusal``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from server.engines._batch_worker import BatchWorker, Job
+from server.engines._causal_batch import DECODER_ONLY_MODELS, CausalBatch
 from server.engines._detokenizer import IncrementalDetokenizer
-from server.engines._seq2seq_batch import RELATIVE_POSITION_MODELS
+from server.engines._seq2seq_batch import RELATIVE_POSITION_MODELS, Seq2SeqBatch
 from server.engines.base import (
     AdapterRef,
     Engine,
@@ -39,6 +47,8 @@ ENGINE_ARGS = frozenset({"max_batch_size"})
 # Context length when neither the entry nor the checkpoint gives one: T5 was trained on
 # 512-token inputs.
 FALLBACK_CONTEXT = 512
+# Config keys that give a checkpoint's context length, by the names model types use.
+CONTEXT_KEYS = ("n_positions", "max_seq_len", "max_position_embeddings")
 
 
 class TransformersEngine(Engine):
@@ -68,7 +78,7 @@ class TransformersEngine(Engine):
 
     @classmethod
     def _load(cls, model_id: str, entry: ModelEntry, weights: str, device: str) -> TransformersEngine:
-        from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         unknown = sorted(set(entry.engine_args) - ENGINE_ARGS)
         if unknown:
@@ -78,24 +88,27 @@ class TransformersEngine(Engine):
             )
         hub = {"revision": entry.revision, "trust_remote_code": entry.trust_remote_code}
         config = AutoConfig.from_pretrained(weights, **hub)
-        if config.model_type not in RELATIVE_POSITION_MODELS:
-            raise ValueError(
-                f"the transformers engine serves T5-family encoder-decoder models "
-                f"({', '.join(sorted(RELATIVE_POSITION_MODELS))}), not '{config.model_type}'; "
-                "register this model with engine: vllm"
-            )
+        encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        refusal = _model_type_refusal(config.model_type, encoder_decoder)
+        if refusal:
+            raise ValueError(f"{refusal}; register this model with engine: vllm")
+        if not encoder_decoder:
+            _check_positions(entry, config)
+        auto_class, batch_class = (
+            (AutoModelForSeq2SeqLM, Seq2SeqBatch) if encoder_decoder else (AutoModelForCausalLM, CausalBatch)
+        )
         dtype = _torch_dtype(entry.dtype, on_gpu=device != "cpu")
-        model = AutoModelForSeq2SeqLM.from_pretrained(weights, dtype=dtype, **hub).to(device).eval()
+        model = auto_class.from_pretrained(weights, dtype=dtype, **hub).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(
             entry.tokenizer or weights,
             revision=None if entry.tokenizer else entry.revision,
             trust_remote_code=entry.trust_remote_code,
         )
         worker = BatchWorker(
-            model,
+            functools.partial(batch_class.prefill, model, pad_token_id=_pad_token_id(model, tokenizer)),
             name=model_id,
             max_batch_size=int(entry.engine_args.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)),
-            eos_token_ids=_eos_token_ids(model),
+            eos_token_ids=_eos_token_ids(model, tokenizer),
         )
         max_model_len = entry.max_model_len or _context_length(config, tokenizer)
         logger.info(
@@ -103,7 +116,7 @@ class TransformersEngine(Engine):
         )
         return cls(model_id, tokenizer, worker, max_model_len)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
         return render_chat(self._tokenizer, self.model_id, messages)
 
     async def prepare(
@@ -113,12 +126,19 @@ class TransformersEngine(Engine):
         *,
         add_special_tokens: bool = True,
         adapter: str | None = None,
+        images: Sequence[Any] = (),
     ) -> PreparedRequest:
         if adapter is not None:
             raise InvalidRequestError(
                 f"model '{self.model_id}' is served by the transformers engine, which does not "
                 "serve LoRA adapters",
                 param="model",
+            )
+        if images:
+            raise InvalidRequestError(
+                f"model '{self.model_id}' is served by the transformers engine, which does not "
+                "serve vision models",
+                param="images",
             )
         encoded = await asyncio.to_thread(self._tokenizer, prompt, add_special_tokens=add_special_tokens)
         prompt_ids: list[int] = encoded["input_ids"]
@@ -195,19 +215,77 @@ def _torch_dtype(dtype: str, on_gpu: bool) -> Any:
     return getattr(torch, dtype)
 
 
-def _eos_token_ids(model: Any) -> set[int]:
-    """EOS IDs from the generation config and the model config (either may list several)."""
+def architecture_refusal(architecture: str) -> str | None:
+    """Why the engine cannot serve checkpoints of model class ``architecture`` (a config's
+    ``architectures[0]``), or None when it can; decided from the name, for ``v4serve check``."""
+    from transformers.models.auto import modeling_auto
+
+    for encoder_decoder, classes in (
+        (True, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+        (False, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    ):
+        for model_type, names in classes.items():
+            named = names == architecture or (not isinstance(names, str) and architecture in names)
+            if named and _model_type_refusal(model_type, encoder_decoder) is None:
+                return None
+    return f"the transformers engine does not serve '{architecture}': {_SERVED}"
+
+
+_SERVED = (
+    f"it serves the encoder-decoder model types {', '.join(sorted(RELATIVE_POSITION_MODELS))} "
+    f"and the decoder-only model types {', '.join(sorted(DECODER_ONLY_MODELS))}"
+)
+
+
+def _model_type_refusal(model_type: str, encoder_decoder: bool) -> str | None:
+    """Why the engine cannot serve a checkpoint whose config says this, or None when it can."""
+    served = RELATIVE_POSITION_MODELS if encoder_decoder else DECODER_ONLY_MODELS
+    if model_type in served:
+        return None
+    kind = "encoder-decoder" if encoder_decoder else "decoder-only"
+    return f"the transformers engine does not serve the {kind} model type '{model_type}': {_SERVED}"
+
+
+def _check_positions(entry: ModelEntry, config: Any) -> None:
+    """A decoder-only model has positions (or an ALiBi table) for so many tokens and no
+    more; T5's relative positions have no end."""
+    limit = _config_context(config)
+    if entry.max_model_len and limit and entry.max_model_len > limit:
+        raise ValueError(
+            f"max_model_len {entry.max_model_len} is longer than the {limit} positions "
+            f"the '{config.model_type}' checkpoint has; set max_model_len to {limit} at most"
+        )
+
+
+def _pad_token_id(model: Any, tokenizer: Any) -> int:
+    """What fills padding: any ID does, as padding is masked, but not every model names one
+    (MPT's and GPT-2's tokenizers have none)."""
+    for value in (model.config.pad_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """EOS IDs from the generation config, the model config (either may list several) and
+    the tokenizer, as vLLM takes them."""
     ids: set[int] = set()
-    for source in (model.generation_config, model.config):
+    for source in (model.generation_config, model.config, tokenizer):
         value = getattr(source, "eos_token_id", None)
         ids.update([value] if isinstance(value, int) else value or ())
     return ids
 
 
-def _context_length(config: Any, tokenizer: Any) -> int:
-    """T5 configs name no context length; its tokenizer's model_max_length or ``n_positions``
-    (set in hub configs) do, else T5's training length."""
-    for value in (getattr(config, "n_positions", None), getattr(tokenizer, "model_max_length", None)):
+def _config_context(config: Any) -> int | None:
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
         if isinstance(value, int) and 0 < value < 1_000_000:
             return value
-    return FALLBACK_CONTEXT
+    return None
+
+
+def _context_length(config: Any, tokenizer: Any) -> int:
+    """The checkpoint's context length (T5 configs name none; ``n_positions`` is set in hub
+    configs), else its tokenizer's model_max_length, else T5's training length."""
+    value = _config_context(config) or getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 1_000_000 else FALLBACK_CONTEXT

@@ -15,7 +15,7 @@ import os
 import typing
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.engines.base import (
     AdapterRef,
@@ -29,6 +29,9 @@ from server.engines.base import (
 from server.engines.rules import fit_to_context, render_chat
 from server.errors import EngineError, InvalidRequestError, UnavailableError
 from server.registry import ModelEntry
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ def build_engine_args(
         kwargs["gpu_memory_utilization"] = launch.memory_share
     if launch.enable_sleep and not on_cpu:
         kwargs["enable_sleep_mode"] = True
+    if entry.vision is not None:
+        kwargs["limit_mm_per_prompt"] = {"image": entry.vision.max_images}
     kwargs.update(lora_engine_args(adapters))
     kwargs.update(entry.engine_args)
     return AsyncEngineArgs(**kwargs)
@@ -108,7 +113,15 @@ def running_on_cpu() -> bool:
 
 
 class VLLMEngine(Engine):
-    def __init__(self, model_id: str, llm: Any, adapters: Sequence[AdapterRef], *, sleep_enabled: bool = False):
+    def __init__(
+        self,
+        model_id: str,
+        llm: Any,
+        adapters: Sequence[AdapterRef],
+        *,
+        sleep_enabled: bool = False,
+        chat_template: str | None = None,
+    ):
         from vllm.lora.request import LoRARequest
         from vllm.renderers.inputs.preprocess import parse_model_prompt
 
@@ -117,6 +130,7 @@ class VLLMEngine(Engine):
         self._parse_prompt = parse_model_prompt
         self.max_model_len = llm.model_config.max_model_len
         self._sleep_enabled = sleep_enabled
+        self._chat_template = chat_template
         # vLLM caches a loaded adapter under its int ID, so each name keeps one ID.
         self._loras = {
             a.name: LoRARequest(a.name, lora_id, a.path) for lora_id, a in enumerate(adapters, start=1)
@@ -138,10 +152,17 @@ class VLLMEngine(Engine):
             model_id, entry, weights, on_cpu=running_on_cpu(), adapters=adapters, launch=launch
         )
         llm = await asyncio.to_thread(_with_visible_devices, launch.visible_devices, AsyncLLM.from_engine_args, args)
-        return cls(model_id, llm, adapters, sleep_enabled=launch.enable_sleep and not running_on_cpu())
+        template = await asyncio.to_thread(_vision_chat_template, llm) if entry.vision is not None else None
+        return cls(
+            model_id,
+            llm,
+            adapters,
+            sleep_enabled=launch.enable_sleep and not running_on_cpu(),
+            chat_template=template,
+        )
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
-        return render_chat(self._llm.get_tokenizer(), self.model_id, messages)
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
+        return render_chat(self._llm.get_tokenizer(), self.model_id, messages, self._chat_template)
 
     async def prepare(
         self,
@@ -150,6 +171,7 @@ class VLLMEngine(Engine):
         *,
         add_special_tokens: bool = True,
         adapter: str | None = None,
+        images: Sequence[PIL.Image.Image] = (),
     ) -> PreparedRequest:
         from vllm.exceptions import VLLMValidationError
 
@@ -157,12 +179,29 @@ class VLLMEngine(Engine):
         tok_params = dataclasses.replace(
             renderer.default_cmpl_tok_params, add_special_tokens=add_special_tokens
         )
+        request: dict[str, Any] = {"prompt": prompt}
+        if images:
+            # vLLM's processor expands each placeholder into that image's feature tokens.
+            request["multi_modal_data"] = {"image": list(images)}
         try:
+            # skip_mm_cache: by default the renderer remembers each processed image as sent
+            # to the engine and later sends only its hash. A request refused after
+            # rendering (too long for the context, a client gone) never reaches the
+            # engine, and the next request with that image would end with
+            # finish_reason "error" and no text. The images' processing is still cached.
             (engine_input,) = await renderer.render_cmpl_async(
-                [self._parse_prompt(self._llm.model_config, {"prompt": prompt})], tok_params
+                [self._parse_prompt(self._llm.model_config, request)], tok_params, skip_mm_cache=bool(images)
             )
         except VLLMValidationError as exc:
             raise InvalidRequestError(str(exc), param="prompt") from exc
+        except (AssertionError, RuntimeError, ValueError) as exc:
+            if not images:
+                raise
+            # How vLLM's multimodal processor says the images did not fit the prompt (a
+            # placeholder it could not match, more images than the engine's limit).
+            raise InvalidRequestError(
+                f"model '{self.model_id}' cannot take these images with this prompt ({exc})", param="images"
+            ) from exc
         prompt_tokens = len(engine_input["prompt_token_ids"])
         return PreparedRequest(
             prompt_tokens=prompt_tokens,
@@ -243,6 +282,14 @@ class VLLMEngine(Engine):
 
     async def wake_up(self) -> None:
         await self._llm.wake_up()
+
+
+def _vision_chat_template(llm: Any) -> str | None:
+    """The template vLLM's own chat endpoint renders with: a vision model's processor can
+    carry a template that its tokenizer lacks."""
+    from vllm.renderers.hf import resolve_chat_template
+
+    return resolve_chat_template(llm.get_tokenizer(), None, None, model_config=llm.model_config)
 
 
 def _with_visible_devices(devices: str | None, create: Any, args: Any) -> Any:

@@ -9,7 +9,7 @@ from server.registry.loader import (
     load_registry,
     read_registry_file,
 )
-from server.registry.schema import ModelEntry
+from server.registry.schema import ModelEntry, VisionSettings
 
 __all__ = [
     "SHIPPED_REGISTRY",
@@ -18,6 +18,7 @@ __all__ = [
     "RegisteredModel",
     "Registry",
     "RegistryError",
+    "VisionSettings",
     "load_registry",
     "read_registry_file",
 ]

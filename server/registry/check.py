@@ -87,16 +87,19 @@ def _engine_refusal(engine: str, architecture: str) -> str | None:
     """Why ``engine`` cannot run ``architecture``, or None when it can."""
     import transformers
 
+    from server.engines.transformers_engine import architecture_refusal
+
     in_transformers = hasattr(transformers, architecture)
     if engine == "transformers":
         if in_transformers:
-            return None
+            return architecture_refusal(architecture)
         return f"transformers {transformers.__version__} has no model class '{architecture}'"
     if architecture in _vllm_architectures():
         return None
     import vllm
 
-    hint = "; transformers has it: set engine: transformers" if in_transformers else ""
+    served = in_transformers and architecture_refusal(architecture) is None
+    hint = "; the transformers engine serves it: set engine: transformers" if served else ""
     return f"vLLM {vllm.__version__} does not run '{architecture}'{hint}"
 
 

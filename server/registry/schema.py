@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ByteSize, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 PromptFormat = Literal["raw", "chat"]
@@ -31,6 +31,26 @@ RESERVED_ENGINE_ARGS = frozenset(
         "trust_remote_code",
     }
 )
+
+
+class VisionSettings(BaseModel):
+    """How a vision model takes a request's images.
+
+    A raw prompt must mark where each image goes, in the model's own spelling: vLLM
+    replaces each mark with the image's feature tokens and refuses a prompt whose marks
+    do not match its images.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    placeholder: str = Field(
+        min_length=1,
+        description="what marks one image in a prompt, e.g. <image>; {n} in it stands for the "
+        "image's number from 1, for models that number their images (Phi-3-vision: <|image_{n}|>)",
+    )
+    max_images: int = Field(
+        default=1, ge=1, description="images one request may send; also vLLM's limit_mm_per_prompt"
+    )
 
 
 class ModelEntry(BaseModel):
@@ -61,6 +81,9 @@ class ModelEntry(BaseModel):
     trust_remote_code: bool = False
     prompt_format: PromptFormat = "raw"
     default_max_tokens: int = Field(default=100, ge=1)
+    vision: VisionSettings | None = Field(
+        default=None, description="set for a vision model, which then accepts a request's images"
+    )
     aliases: tuple[str, ...] = ()
     engine_args: dict[str, Any] = Field(default_factory=dict)
     description: str | None = None
@@ -90,6 +113,17 @@ class ModelEntry(BaseModel):
         elif self.source is None:
             raise ValueError("an entry needs 'source' (or 'base' and 'adapter' for a LoRA adapter)")
         return self
+
+    @field_validator("vision")
+    @classmethod
+    def _vision_on_vllm_models(cls, value: VisionSettings | None, info: ValidationInfo) -> VisionSettings | None:
+        # Images reach the model through vLLM's multimodal processor; the transformers
+        # engine has none, and adapters are served for text only.
+        if value is not None and info.data.get("base") is not None:
+            raise ValueError("LoRA entries take no images; set it on a base model's entry")
+        if value is not None and info.data.get("engine") != "vllm":
+            raise ValueError("it needs engine: vllm; the transformers engine serves no vision models")
+        return value
 
     @property
     def is_adapter(self) -> bool:

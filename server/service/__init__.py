@@ -1,5 +1,6 @@
 """The service layer: contract requests -> prompts and sampling -> engine calls."""
 
 from server.service.completions import CompletionService, PendingCompletion
+from server.service.images import ImagePolicy
 
-__all__ = ["CompletionService", "PendingCompletion"]
+__all__ = ["CompletionService", "ImagePolicy", "PendingCompletion"]

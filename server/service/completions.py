@@ -13,10 +13,14 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+from PIL import Image as PILImage
+
 from server.engines import GenerationDelta, PreparedRequest
 from server.errors import InvalidRequestError, ServingError
 from server.pool import EnginePool, Lease
 from server.protocol import Completion, CompletionRequest, CompletionResponse, TokenUsage
+from server.registry import ModelEntry
+from server.service.images import ImagePolicy, load_images
 from server.service.prompts import build_prompt
 from server.service.sampling import sampling_options
 
@@ -103,28 +107,37 @@ def _response(text: str, delta: GenerationDelta, *, final: bool) -> CompletionRe
 
 
 class CompletionService:
-    def __init__(self, pool: EnginePool):
+    def __init__(self, pool: EnginePool, image_policy: ImagePolicy):
         self._pool = pool
+        self._image_policy = image_policy
 
     async def prepare(self, request: CompletionRequest, account_id: str | None = None) -> PendingCompletion:
         registered = self._pool.lookup(request.model)
-        if request.images:
-            raise InvalidRequestError(
-                f"model '{request.model}' does not accept images; send images only to a vision model",
-                param="images",
-            )
+        images = await self._images(request, registered.entry)
         lease = await self._pool.lease(request.model)
         try:
             engine = lease.engine
-            prompt = build_prompt(request.prompt, registered.entry, engine)
+            prompt = build_prompt(request.prompt, registered.entry, engine, images=len(images))
             options = sampling_options(request.model_parameters, registered.entry)
             # A LoRA entry is served by its base's engine, which knows the adapter by its model ID.
             adapter = registered.model_id if registered.entry.is_adapter else None
             prepared = await engine.prepare(
-                prompt.text, options, add_special_tokens=prompt.add_special_tokens, adapter=adapter
+                prompt.text, options, add_special_tokens=prompt.add_special_tokens, adapter=adapter, images=images
             )
         except BaseException:
             lease.release()
             raise
         request_id = f"cmpl-{uuid.uuid4().hex}"
         return PendingCompletion(lease, prepared, request_id, request.account_id or account_id)
+
+    async def _images(self, request: CompletionRequest, entry: ModelEntry) -> list[PILImage.Image]:
+        """The request's images, read before an engine is leased: a refused image then
+        costs no model load and takes no place in the model's queue."""
+        if not request.images:
+            return []
+        if entry.vision is None:
+            raise InvalidRequestError(
+                f"model '{request.model}' does not accept images; send images only to a vision model",
+                param="images",
+            )
+        return await load_images(request.images, self._image_policy, max_images=entry.vision.max_images)

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 TOKENIZER_VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>"]
@@ -23,6 +24,21 @@ CHAT_TEMPLATE = (
     "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+# The tiny LLaVA's image placeholder, a special token its processor expands into the
+# image's feature tokens; its template places image parts as the llava-hf templates do.
+# (Newlines are printed by expressions: transformers renders with trim_blocks, which
+# drops a newline that follows a block tag.)
+IMAGE_TOKEN = "<image>"
+VISION_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{{ message['content'] }}\n",
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{{ '" + IMAGE_TOKEN + "\\n' if part['type'] == 'image' else part['text'] }}"
+    "{% endfor %}{% endif %}{{ '\\n' }}",
+)
+# The tiny LLaVA sees 56x56 images in 14-pixel patches: 16 image tokens each.
+VISION_IMAGE_SIZE = 56
+VISION_PATCH_SIZE = 14
 
 # A small, varied corpus: the tokenizer only needs to learn plausible merges.
 _CORPUS = """
@@ -75,13 +91,11 @@ def _train_tokenizer(directory: Path, *, decoder_only: bool = True) -> None:
     wrapped.save_pretrained(directory)
 
 
-def build_tiny_llama(directory: Path, *, seed: int = 0) -> None:
-    """A 2-layer Llama (hidden 128, 2 heads of 64, 1 KV head) with its own tokenizer."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def _tiny_llama_config():
+    """A 2-layer Llama: hidden 128, 2 heads of 64 (vLLM's CPU attention needs 64), 1 KV head."""
+    from transformers import LlamaConfig
 
-    _train_tokenizer(directory)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=TOKENIZER_VOCAB_SIZE,
         hidden_size=128,
         intermediate_size=256,
@@ -98,10 +112,91 @@ def build_tiny_llama(directory: Path, *, seed: int = 0) -> None:
         # instead of repeating one token, which makes stop-sequence tests meaningful.
         initializer_range=0.2,
     )
+
+
+def build_tiny_llama(directory: Path, *, seed: int = 0) -> None:
+    """The tiny Llama language model with its own tokenizer."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    _train_tokenizer(directory)
+    config = _tiny_llama_config()
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
     model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=3)
     model.save_pretrained(directory, safe_serialization=True)
+
+
+def build_tiny_llava(directory: Path, *, seed: int = 0) -> None:
+    """A LLaVA-1.5 in small: a 2-layer CLIP vision tower and a projector on the tiny Llama.
+
+    It is saved with its processor (CLIP image preprocessing plus the tokenizer with an
+    ``<image>`` token), which vLLM needs to turn an image into the model's input.
+    """
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        GenerationConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    _train_tokenizer(directory)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.chat_template = VISION_CHAT_TEMPLATE
+    vision = CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=VISION_IMAGE_SIZE,
+        patch_size=VISION_PATCH_SIZE,
+        projection_dim=128,
+    )
+    image_tokens = (VISION_IMAGE_SIZE // VISION_PATCH_SIZE) ** 2
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=_tiny_llama_config(),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=image_tokens,
+        vision_feature_select_strategy="default",  # drop CLIP's class token: patches only
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(torch.float32)
+    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=3)
+    model.save_pretrained(directory, safe_serialization=True)
+    _classic_llava_keys(directory / "model.safetensors")
+    square = {"height": VISION_IMAGE_SIZE, "width": VISION_IMAGE_SIZE}
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": VISION_IMAGE_SIZE}, crop_size=square),
+        tokenizer=tokenizer,
+        patch_size=VISION_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the class token, which "default" drops again
+    )
+    processor.save_pretrained(directory)
+
+
+def _classic_llava_keys(path: Path) -> None:
+    """Rename the vision tower's weights to the layout of the llava-hf checkpoints.
+
+    transformers 5 saves them as ``vision_tower.embeddings...``; vLLM 0.32 loads the
+    layout of the published checkpoints, ``vision_tower.vision_model.embeddings...``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    tower, classic = "vision_tower.", "vision_tower.vision_model."
+    tensors = load_file(path)
+    renamed = {
+        classic + key[len(tower) :] if key.startswith(tower) and not key.startswith(classic) else key: value
+        for key, value in tensors.items()
+    }
+    save_file(renamed, path, metadata={"format": "pt"})
 
 
 def build_tiny_t5(directory: Path, *, seed: int = 0) -> None:
@@ -111,8 +206,7 @@ def build_tiny_t5(directory: Path, *, seed: int = 0) -> None:
     input, and positions are relative, which is what the transformers engine's batching
     relies on.
     """
-    import torch
-    from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
+    from transformers import T5Config, T5ForConditionalGeneration
 
     _train_tokenizer(directory, decoder_only=False)
     config = T5Config(
@@ -132,9 +226,46 @@ def build_tiny_t5(directory: Path, *, seed: int = 0) -> None:
         # Wider than T5's usual 1.0 so greedy decoding wanders over the vocabulary.
         initializer_factor=5.0,
     )
+    generation = {"decoder_start_token_id": 3, "eos_token_id": 1, "pad_token_id": 3}
+    _save_random(T5ForConditionalGeneration, config, directory, seed, **generation)
+
+
+def build_tiny_mpt(directory: Path, *, seed: int = 0) -> None:
+    """A 2-layer MPT (d_model 128, 2 heads of 64) with the decoder-only tokenizer.
+
+    MPT's conventions are kept: no position embeddings but ALiBi attention biases (up to
+    ``max_seq_len`` tokens), no bias terms, and the output layer tied to the embeddings.
+    vLLM no longer runs MPT; the transformers engine serves it.
+    """
+    from transformers import MptConfig, MptForCausalLM
+
+    _train_tokenizer(directory)
+    config = MptConfig(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        d_model=128,
+        n_heads=2,
+        n_layers=2,
+        expansion_ratio=4,
+        max_seq_len=2048,
+        attn_config={"alibi": True, "alibi_bias_max": 8},
+        no_bias=True,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=3,
+        # Wider than MPT's usual 0.02 so greedy decoding wanders over the vocabulary.
+        initializer_range=0.2,
+    )
+    _save_random(MptForCausalLM, config, directory, seed, bos_token_id=0, eos_token_id=1, pad_token_id=3)
+
+
+def _save_random(model_class: Any, config: Any, directory: Path, seed: int, **generation: int) -> None:
+    """Draw a model's float32 weights from ``seed`` and save them with its generation config."""
+    import torch
+    from transformers import GenerationConfig
+
     torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(config).to(torch.float32)
-    model.generation_config = GenerationConfig(decoder_start_token_id=3, eos_token_id=1, pad_token_id=3)
+    model = model_class(config).to(torch.float32)
+    model.generation_config = GenerationConfig(**generation)
     model.save_pretrained(directory, safe_serialization=True)
 
 
@@ -172,6 +303,8 @@ def build_tiny_llama_lora(directory: Path, base: Path, *, seed: int = 0) -> None
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-llama": build_tiny_llama,
     "tiny-t5": build_tiny_t5,
+    "tiny-mpt": build_tiny_mpt,
+    "tiny-llava": build_tiny_llava,
 }
 
 # LoRA adapters, each made for another builtin: name -> (base, builder(directory, base_dir)).
