@@ -49,6 +49,11 @@ ENGINE_ARGS = frozenset({"max_batch_size"})
 FALLBACK_CONTEXT = 512
 # Config keys that give a checkpoint's context length, by the names model types use.
 CONTEXT_KEYS = ("n_positions", "max_seq_len", "max_position_embeddings")
+# What every refusal lists: the model types the engine batches correctly.
+_SERVED = (
+    f"it serves the encoder-decoder model types {', '.join(sorted(RELATIVE_POSITION_MODELS))} "
+    f"and the decoder-only model types {', '.join(sorted(DECODER_ONLY_MODELS))}"
+)
 
 
 class TransformersEngine(Engine):
@@ -229,12 +234,6 @@ def architecture_refusal(architecture: str) -> str | None:
             if named and _model_type_refusal(model_type, encoder_decoder) is None:
                 return None
     return f"the transformers engine does not serve '{architecture}': {_SERVED}"
-
-
-_SERVED = (
-    f"it serves the encoder-decoder model types {', '.join(sorted(RELATIVE_POSITION_MODELS))} "
-    f"and the decoder-only model types {', '.join(sorted(DECODER_ONLY_MODELS))}"
-)
 
 
 def _model_type_refusal(model_type: str, encoder_decoder: bool) -> str | None:
