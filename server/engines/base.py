@@ -117,8 +117,13 @@ class Engine(ABC):
         """
 
     @abstractmethod
-    def generate(self, request: PreparedRequest, request_id: str) -> AsyncIterator[GenerationDelta]:
+    def generate(
+        self, request: PreparedRequest, request_id: str, *, stream: bool = True
+    ) -> AsyncIterator[GenerationDelta]:
         """Stream deltas; the last one carries ``finish_reason``.
+
+        With ``stream=False`` the engine may deliver the whole completion as one delta:
+        a caller that wants only the result should not pay for per-token outputs.
 
         Closing the iterator early (a client went away) aborts the request in the engine.
         """

@@ -157,7 +157,11 @@ class TransformersEngine(Engine):
             engine_input=prompt_ids,
         )
 
-    async def generate(self, request: PreparedRequest, request_id: str) -> AsyncIterator[GenerationDelta]:
+    async def generate(
+        self, request: PreparedRequest, request_id: str, *, stream: bool = True
+    ) -> AsyncIterator[GenerationDelta]:
+        # One delta per step either way: the worker produces them anyway, and a
+        # non-streaming caller joins them.
         job = Job(
             prompt_ids=request.engine_input,
             sampling=request.sampling,

@@ -211,7 +211,7 @@ class VLLMEngine(Engine):
         )
 
     @staticmethod
-    def _sampling_params(options: SamplingOptions) -> Any:
+    def _sampling_params(options: SamplingOptions, *, stream: bool) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -223,14 +223,18 @@ class VLLMEngine(Engine):
             presence_penalty=options.presence_penalty,
             frequency_penalty=options.frequency_penalty,
             stop=list(options.stop) or None,
-            output_kind=RequestOutputKind.DELTA,
+            # Non-streaming requests get one output at the end, as in vLLM's own server:
+            # no per-token detokenized outputs to build and hand across the event loop.
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    async def generate(self, request: PreparedRequest, request_id: str) -> AsyncIterator[GenerationDelta]:
+    async def generate(
+        self, request: PreparedRequest, request_id: str, *, stream: bool = True
+    ) -> AsyncIterator[GenerationDelta]:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        params = self._sampling_params(request.sampling)
+        params = self._sampling_params(request.sampling, stream=stream)
         lora = self._loras[request.adapter] if request.adapter is not None else None
         completion_tokens = 0
         try:

@@ -47,23 +47,23 @@ class PendingCompletion:
     async def result(self) -> CompletionResponse:
         pieces: list[str] = []
         last: GenerationDelta | None = None
-        async for last in self._deltas():
+        async for last in self._deltas(stream=False):
             pieces.append(last.text)
         assert last is not None, "an engine ends every request with a final delta"
         return _response("".join(pieces), last, final=True)
 
     async def chunks(self) -> AsyncIterator[CompletionResponse]:
         """One chunk per engine step; the last carries finish_reason and token usage."""
-        async for delta in self._deltas():
+        async for delta in self._deltas(stream=True):
             yield _response(delta.text, delta, final=delta.finish_reason is not None)
 
-    async def _deltas(self) -> AsyncIterator[GenerationDelta]:
+    async def _deltas(self, *, stream: bool) -> AsyncIterator[GenerationDelta]:
         last: GenerationDelta | None = None
         outcome = "aborted: the client went away"
         try:
             # aclosing: a caller that stops listening closes the engine's generator at
             # once, which aborts the request in the engine instead of at garbage collection.
-            async with aclosing(self._engine.generate(self._prepared, self.request_id)) as deltas:
+            async with aclosing(self._engine.generate(self._prepared, self.request_id, stream=stream)) as deltas:
                 async for last in deltas:
                     yield last
             outcome = f"finish={last.finish_reason if last else None}"
