@@ -15,9 +15,8 @@ from contextlib import aclosing
 
 from PIL import Image as PILImage
 
-from server.engines import GenerationDelta, PreparedRequest
 from server.errors import InvalidRequestError, ServingError
-from server.pool import EnginePool, Lease
+from server.pool import EnginePool, GenerationDelta, Lease, PreparedRequest
 from server.protocol import Completion, CompletionRequest, CompletionResponse, TokenUsage
 from server.registry import ModelEntry
 from server.service.images import ImagePolicy, load_images

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.engines import Engine
+from server.pool import Engine
 from server.errors import InvalidRequestError
 from server.registry import ModelEntry, VisionSettings
 from server.service.placeholders import count_placeholders, with_placeholders
