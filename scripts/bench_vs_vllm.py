@@ -233,7 +233,7 @@ def main() -> int:
         args.out.write_text(json.dumps({"runs": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in runs],
                                         "summary": summary, "throughput_ratio": throughput_ratio,
                                         "ttft_p50_ratio": ttft_ratio, "settings": vars(args) | {"model": str(args.model)}},
-                                       indent=2))
+                                       indent=2, default=str))
     return 0
 
 
