@@ -131,8 +131,3 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     )
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="session")
-def base_url(server: RunningServer) -> str:
-    return server.base_url
