@@ -3,6 +3,7 @@ overload. Three tiny models of 1 GiB each under a 2.5 GiB budget: two fit at a t
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -102,19 +103,24 @@ def test_model_larger_than_the_budget_fails_with_a_reason(pool_server: RunningSe
     assert states(pool_server)["tiny-a"]["state"] == "ready"
 
 
-def test_requests_past_the_queue_limit_get_429_with_retry_after(pool_server: RunningServer) -> None:
+async def test_requests_past_the_queue_limit_get_429_with_retry_after(pool_server: RunningServer) -> None:
     # tiny-a admits 1 running and 1 queued request; each of these runs for seconds, so
     # of six sent at once at most two are admitted and the rest are told to come back.
     assert complete(pool_server, "tiny-a").status_code == 200
-    responses: list[httpx.Response] = []
-    senders = [threading.Thread(target=lambda: responses.append(complete(pool_server, "tiny-a", LONG))) for _ in range(6)]
-    for sender in senders:
-        sender.start()
-    # Other models are not held up by tiny-a's queue.
-    assert complete(pool_server, "tiny-b").status_code == 200
-    for sender in senders:
-        sender.join()
-    assert states(pool_server)["tiny-a"]["queued_requests"] == 0
+
+    async with httpx.AsyncClient(
+        base_url=pool_server.base_url, headers={"x-api-key": API_KEY}, timeout=300,
+        limits=httpx.Limits(max_connections=10),
+    ) as http:
+        async def send(model: str, params: dict) -> httpx.Response:
+            body = {"model": model, "prompt": "Hello", "model_parameters": params}
+            return await http.post("/v4/completions", json=body)
+
+        long_ones = [asyncio.ensure_future(send("tiny-a", LONG)) for _ in range(6)]
+        # Other models are not held up by tiny-a's queue.
+        assert (await send("tiny-b", SHORT)).status_code == 200
+        responses = await asyncio.gather(*long_ones)
+
     refused = [r for r in responses if r.status_code == 429]
     served = [r for r in responses if r.status_code == 200]
     assert len(refused) + len(served) == 6
@@ -122,4 +128,5 @@ def test_requests_past_the_queue_limit_get_429_with_retry_after(pool_server: Run
     for response in refused:
         assert int(response.headers["Retry-After"]) >= 1
         assert "limit of 1 running and 1 queued" in response.json()["error"]["message"]
-    assert all(r.json()["token_usage"]["completion"] >= 1 for r in served)
+    assert all(r.json()["token_usage"]["completion"] == 2000 for r in served)
+    assert states(pool_server)["tiny-a"]["queued_requests"] == 0
