@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -19,9 +18,6 @@ from server.pool import EnginePool, discover_devices
 from server.registry import Registry
 from server.service import CompletionService, ImagePolicy
 from server.settings import Settings
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass
 class AppState:

@@ -245,7 +245,7 @@ class EnginePool:
     # ----- loading, unloading --------------------------------------------------------
 
     async def _load(self, slot: _Slot) -> Engine:
-        model_id, entry = slot.model_id, slot.registered.entry
+        model_id = slot.model_id
         previous_state, slot.state = slot.state, ModelState.LOADING
         started = time.monotonic()
         try:
