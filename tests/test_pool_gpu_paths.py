@@ -2,7 +2,7 @@
 
 No GPU exists on the machines that run this suite, and vLLM's sleep mode is a no-op on
 CPU, so these tests start a stand-in engine through the pool's starter hook. The stand-in
-is the one mock in the suite; it records what the pool asked of it (devices, memory share,
+(which tests/test_pool_races.py scripts further) is the one mock in the suite; it records what the pool asked of it (devices, memory share,
 sleep, wake) so the pool's decisions can be checked. Everything CPU engines do is tested
 on the real engine elsewhere (tests/test_multi_model.py).
 """

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import torch
 
-from server.engines._causal_batch import DECODER_ONLY_MODELS, CausalBatch
+from server.engines._causal_batch import CausalBatch
+from server.registry.engine_kinds import DECODER_ONLY_MODELS
 from server.registry import ModelEntry, load_registry
 from server.registry.check import check_registry
 from server.weights.tiny import ensure_builtin

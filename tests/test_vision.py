@@ -1,11 +1,13 @@
 """Vision models end to end: images in a request reach the real vLLM engine, safely.
 
-A permissive server (the operator's switch for trusted networks, tight limits, and only
-127.0.0.1 among allowed hosts) serves the tiny LLaVA with images from a test HTTP server
-on loopback and from data URIs. Every refusal is one request answered with a JSON
-error, followed by a good request: refusing an image must never cost the server. A
-second server with default settings shows that the address guard is on by default: it
-refuses a loopback URL before connecting and before loading any model.
+A permissive server (the operator's switch for trusted networks, tight limits, only
+127.0.0.1 among allowed hosts, and a folder for file: URLs) serves the tiny LLaVA with
+images from a test HTTP server on loopback and from data URIs. Every refusal is one
+request answered with a JSON error, followed by a good request: refusing an image must
+never cost the server. A second server with default settings shows that the address
+guard is on by default: it refuses a loopback URL before connecting and before loading
+any model, without saying where a name points, and a host name no resolver could look
+up is the caller's 400, not the server's 500.
 
 Prompt building (placeholders, chat templates) is checked without a server, with the
 tiny LLaVA's own tokenizer.
@@ -14,9 +16,9 @@ tiny LLaVA's own tokenizer.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image as PILImage
 from pydantic import ValidationError
@@ -76,6 +78,7 @@ def vision_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
             "V4SERVE_IMAGE_FETCH_TIMEOUT": str(FETCH_TIMEOUT),
             "V4SERVE_IMAGE_MAX_BYTES": str(MAX_BYTES),
             "V4SERVE_IMAGE_MAX_PIXELS": str(MAX_PIXELS),
+            "V4SERVE_IMAGE_FILE_ROOT": str(tmp_path_factory.mktemp("image-files")),
         },
     )
     yield running
@@ -212,6 +215,12 @@ REFUSALS: dict[str, Callable[[ImageServer, LoopbackProbe], Refusal]] = {
     "images for a text model": lambda web, _: (
         {"model": "tiny-llama", **images(data_uri(RED))}, 400, "images", "does not accept images"
     ),
+    "NUL in a file: URL": lambda web, _: (
+        images("file:///red%00.png"), 400, "images[0].image_url", "must not hold a NUL character"
+    ),
+    "raw NUL in a file: URL": lambda web, _: (
+        images("file:///red\0.png"), 400, "images[0].image_url", "must not hold a NUL character"
+    ),
 }
 
 
@@ -248,30 +257,49 @@ def test_refusals_surface_in_the_sdk_as_api_errors(client: SGPClient) -> None:
     assert caught.value.body["error"]["param"] == "images[0].image_url"
 
 
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The vision models with every image setting at its default; no model is loaded."""
+    running = start_server(tmp_path_factory.mktemp("default"), registry_files=[OVERLAY])
+    yield running
+    running.stop()
+
+
+def post_images(server: RunningServer, *urls: str) -> tuple[httpx.Response, dict[str, Any]]:
+    """One request with ``urls``, and the models' states right after it."""
+    with server.client() as http:
+        response = http.post("/v4/completions", json={"model": MODEL, "prompt": PROMPT, **images(*urls)})
+        models = {m["id"]: m for m in http.get("/v4/models").json()["models"]}
+    return response, models
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_default_settings_refuse_loopback_without_connecting_or_loading(
-    tmp_path: Path, probe: LoopbackProbe
+    default_server: RunningServer, probe: LoopbackProbe, host: str
 ) -> None:
-    server = start_server(tmp_path, registry_files=[OVERLAY])
-    try:
-        with server.client() as http:
-            response = http.post(
-                "/v4/completions",
-                json={
-                    "model": MODEL,
-                    "prompt": PROMPT,
-                    "images": [{"image_url": f"http://127.0.0.1:{probe.port}/img/red.png"}],
-                },
-            )
-            models = {m["id"]: m for m in http.get("/v4/models").json()["models"]}
-        assert response.status_code == 400, response.text
-        error = response.json()["error"]
-        assert error["param"] == "images[0].image_url"
-        assert "resolves to a loopback address (127.0.0.1)" in error["message"]
-        assert probe.connections() == 0
-        # Images are read before an engine is leased: the refusal loaded no model.
-        assert models[MODEL]["state"] == "not_loaded"
-    finally:
-        server.stop()
+    response, models = post_images(default_server, f"http://{host}:{probe.port}/img/red.png")
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "images[0].image_url"
+    # Refused, without saying what the name resolved to.
+    assert error["message"] == (
+        f"image URL host '{host}' is not allowed: this server fetches images only from public addresses"
+    )
+    assert probe.connections() == 0
+    # Images are read before an engine is leased: the refusal loaded no model.
+    assert models[MODEL]["state"] == "not_loaded"
+
+
+@pytest.mark.parametrize(
+    "host", ["a..example", "a" * 64 + ".example"], ids=["empty-label", "label-over-63"]
+)
+def test_host_names_the_resolver_cannot_encode_are_400(default_server: RunningServer, host: str) -> None:
+    response, models = post_images(default_server, f"http://{host}/x.png")
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "images[0].image_url"
+    assert error["message"] == f"image URL host '{host}' is not a valid host name"
+    assert models[MODEL]["state"] == "not_loaded"
 
 
 # --- prompts, without a server ----------------------------------------------------------

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 
 from server import __version__
-from server.api.auth import KeyRing
+from server.api.auth import ApiKeyAuth, KeyRing
 from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit
 from server.api.routes import router
@@ -18,6 +18,7 @@ from server.pool import EnginePool, discover_devices
 from server.registry import Registry
 from server.service import CompletionService, ImagePolicy
 from server.settings import Settings
+
 
 @dataclass
 class AppState:
@@ -68,6 +69,9 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     app.state.v4 = state
     app.include_router(router)
     install_error_handlers(app)
+    # The middleware added last runs first: the key is checked before the body is counted,
+    # so a caller without a key learns nothing of the limit and costs no body read.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyAuth, keys=keys)
     return app
 

@@ -30,15 +30,18 @@ def serving_error_body(exc: ServingError) -> dict[str, Any]:
     return error_body(exc.message, exc.error_type, exc.status_code, exc.param)
 
 
-def _retry_headers(exc: ServingError) -> dict[str, str] | None:
-    if exc.retry_after is None:
-        return None
-    return {"Retry-After": str(max(1, round(exc.retry_after)))}
+def error_response(exc: ServingError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The response for ``exc``; ASGI middleware that answers before routing uses it too,
+    so a 401 or 413 sent from there looks exactly like one a route raised."""
+    headers = dict(headers or {})
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return JSONResponse(serving_error_body(exc), exc.status_code, headers=headers or None)
 
 
 async def _serving_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServingError)
-    return JSONResponse(serving_error_body(exc), exc.status_code, headers=_retry_headers(exc))
+    return error_response(exc)
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -70,7 +73,10 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error serving %s %s", request.method, request.url.path)
+    # The path is the caller's, percent-decoded: %r escapes the control characters it may
+    # hold (a terminal escape, say). The body says nothing of the exception, which may
+    # name internals.
+    logger.exception("unhandled error serving %s %r", request.method, request.url.path)
     return JSONResponse(error_body("internal server error", "internal_error", 500), 500)
 
 

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import serving_error_body
+from server.api.errors import error_response
 from server.errors import PayloadTooLargeError
 
 
+class _BodyTooLarge(Exception):
+    """Raised into the app's ``receive`` once the 413 is sent, to stop its body read."""
+
+
 class BodySizeLimit:
-    """413 for a body over ``max_bytes``, by Content-Length or by counting a chunked body."""
+    """413 for a body over ``max_bytes``, by Content-Length or by counting a chunked body.
+
+    A chunked body can only be measured as it arrives, inside the app's ``receive``. An
+    exception raised there would reach FastAPI's body parsing, which turns any failure into
+    400 "error parsing the body"; so the middleware sends the 413 itself, then stops the
+    read and drops whatever the app still tries to answer.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
@@ -23,21 +32,37 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers", ()))
-        declared = headers.get(b"content-length")
+        declared = dict(scope.get("headers", ())).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            response = JSONResponse(serving_error_body(self._too_large()), 413)
-            await response(scope, receive, send)
+            await error_response(self._too_large())(scope, receive, send)
             return
         received = 0
+        started = False
+        answered = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if answered:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, answered
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise self._too_large()
+                    if not started:
+                        await error_response(self._too_large())(scope, receive, send)
+                        answered = True
+                    raise _BodyTooLarge
             return message
 
-        await self.app(scope, counting_receive, send)
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except _BodyTooLarge:
+            # Answered 413 above; or the app had already begun its answer, which is then
+            # cut short (the server closes a response left incomplete).
+            pass

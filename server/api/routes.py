@@ -1,19 +1,21 @@
 """HTTP routes: the contract's endpoint, the model list, liveness and readiness.
 
 Routes only translate between HTTP and the service; what a parameter means is decided
-in ``server.service``.
+in ``server.service``, and who the caller is (and which account it may name) in
+``server.api.auth``, where the key is known.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from server.api.auth import authenticate
+from server.api.auth import Caller, current_caller
 from server.api.streaming import EventStreamResponse, cancel_on_disconnect, sse_events
 from server.protocol import CompletionRequest, CompletionResponse
+from server.weights import BUILTIN_PREFIX, local_dir
 
 router = APIRouter()
 
@@ -23,10 +25,10 @@ CLIENT_CLOSED_REQUEST = 499
 
 @router.post("/v4/completions", response_model=CompletionResponse)
 async def create_completion(
-    body: CompletionRequest, request: Request, account: str | None = Depends(authenticate)
+    body: CompletionRequest, request: Request, caller: Annotated[Caller, Depends(current_caller)]
 ) -> Response:
     service = request.app.state.v4.service
-    pending = await service.prepare(body, account)
+    pending = await service.prepare(body, caller.usage_account(body.account_id))
     if body.stream:
         return EventStreamResponse(sse_events(pending.chunks()), on_close=pending.close)
     try:
@@ -38,7 +40,7 @@ async def create_completion(
     return Response(result.model_dump_json(), media_type="application/json")
 
 
-@router.get("/v4/models", dependencies=[Depends(authenticate)])
+@router.get("/v4/models", dependencies=[Depends(current_caller)])
 async def list_models(request: Request) -> dict[str, Any]:
     pool = request.app.state.v4.pool
     return {
@@ -46,9 +48,9 @@ async def list_models(request: Request) -> dict[str, Any]:
             {
                 "id": s.model_id,
                 "aliases": list(s.aliases),
-                "source": s.source,
+                "source": public_source(s.source),
                 "base": s.base,
-                "adapter": s.adapter,
+                "adapter": public_source(s.adapter),
                 "engine": s.engine,
                 "state": s.state.value,
                 "running_requests": s.running,
@@ -63,6 +65,16 @@ async def list_models(request: Request) -> dict[str, Any]:
             for s in pool.status()
         ]
     }
+
+
+def public_source(source: str | None) -> str | None:
+    """A registry source as callers may see it: a hub repo ID or ``builtin:NAME`` as
+    written, a local directory by its last component only (``local:NAME``), so the
+    model list does not map the server's filesystem for every key holder."""
+    if source is None or source.startswith(BUILTIN_PREFIX):
+        return source
+    local = local_dir(source)
+    return source if local is None else f"local:{local.name}"
 
 
 @router.get("/healthz")

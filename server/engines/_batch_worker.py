@@ -7,6 +7,14 @@ next step and decode with the others from then on; finished and aborted ones lea
 between steps. What a batch holds depends on the model's kind (``_seq2seq_batch``,
 ``_causal_batch``); the loop only needs the ``Batch`` operations. Results go back to each
 request's event loop with ``call_soon_threadsafe``, one call per step.
+
+A model call that raises fails only the request that caused it. A prefill of several
+new requests that raises is retried for each alone; a decoding step that raises leaves
+the batch's caches in no known state, so every sequence in it is rebuilt alone from its
+prompt and the tokens it already has (a prefill that yields the same next-token logits
+as the step would have), and those that fail alone are the ones at fault. A failure
+that no single request causes (the model broke for everyone) fails each of them, one
+after another.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import asyncio
 import collections
 import logging
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -45,8 +53,10 @@ class Batch(Protocol):
         """Keep only ``rows``."""
 
 
-# New sequences' prompts -> their batch and the logits of their first token.
-Prefill = Callable[[list[list[int]]], tuple[Batch, torch.Tensor]]
+class Prefill(Protocol):
+    def __call__(self, prompts: list[list[int]], *, decoded: list[list[int]]) -> tuple[Batch, torch.Tensor]:
+        """Run sequences' prompts, each followed by the tokens it already ``decoded`` (none
+        for a new sequence); returns their batch and the logits of each one's next token."""
 
 
 @dataclass(eq=False)
@@ -151,9 +161,10 @@ class BatchWorker:
                     self._admit(arrivals)
                     self._decode()
                 except Exception as exc:
-                    logger.exception("a model step failed for model %s", self._name)
-                    error = EngineError(f"the engine serving model '{self._name}' failed: {exc}")
-                    self._abandon([*arrivals, *self._rows], error)
+                    # Model calls fail one request at a time (``_join``, ``_decode``): this is
+                    # the loop's own bookkeeping, which leaves no batch to go on with.
+                    logger.exception("the batch of model %s failed", self._name)
+                    self._abandon([*arrivals, *self._rows], self._failure(exc))
         with self._wakeup:
             leftover = [*self._inbox, *self._rows]
             self._inbox.clear()
@@ -171,11 +182,27 @@ class BatchWorker:
 
     def _admit(self, arrivals: list[Job]) -> None:
         jobs = [arrivals[row] for row in self._drop_cancelled(arrivals)]
-        if not jobs:
+        if jobs:
+            self._join(jobs)
+
+    def _join(self, jobs: list[Job]) -> None:
+        """Prefill ``jobs`` (prompts and tokens so far), take their next tokens, and add the
+        ones still going to the batch; when that raises, each is tried alone."""
+        try:
+            batch, logits = self._prefill([job.prompt_ids for job in jobs], decoded=[job.tokens for job in jobs])
+            tokens = self._next_tokens(jobs, logits)
+        except Exception as exc:
+            if len(jobs) == 1:
+                self._fail(jobs[0], exc)
+                return
+            logger.warning(
+                "prefilling %d sequences of model %s failed; trying each alone", len(jobs), self._name, exc_info=exc
+            )
+            for job in jobs:
+                self._join([job])
             return
-        batch, logits = self._prefill([job.prompt_ids for job in jobs])
         self._note_batch_size(len(jobs))
-        staying = self._advance(jobs, logits)
+        staying = self._advance(jobs, tokens)
         if not staying:
             return
         if len(staying) < len(jobs):
@@ -190,9 +217,20 @@ class BatchWorker:
         self._keep_rows(self._drop_cancelled(self._rows))
         if self._batch is None:
             return
-        logits = self._batch.step([job.tokens[-1] for job in self._rows])
-        self._note_batch_size(len(self._rows))
-        self._keep_rows(self._advance(self._rows, logits))
+        rows = self._rows
+        try:
+            logits = self._batch.step([job.tokens[-1] for job in rows])
+            tokens = self._next_tokens(rows, logits)
+        except Exception:
+            logger.exception(
+                "a step of model %s failed; rebuilding each of its %d sequences alone", self._name, len(rows)
+            )
+            self._batch, self._rows = None, []
+            for job in rows:
+                self._join([job])
+            return
+        self._note_batch_size(len(rows))
+        self._keep_rows(self._advance(rows, tokens))
 
     def _keep_rows(self, rows: Sequence[int]) -> None:
         if len(rows) == len(self._rows):
@@ -203,9 +241,12 @@ class BatchWorker:
         elif self._batch is not None:
             self._batch.keep(rows)
 
-    def _advance(self, jobs: Sequence[Job], logits: torch.Tensor) -> list[int]:
-        """Sample each job's next token and send what it produced; returns the rows still going."""
-        tokens = next_tokens(logits, [job.sampling for job in jobs], [job.tokens for job in jobs])
+    @staticmethod
+    def _next_tokens(jobs: Sequence[Job], logits: torch.Tensor) -> list[int]:
+        return next_tokens(logits, [job.sampling for job in jobs], [job.tokens for job in jobs])
+
+    def _advance(self, jobs: Sequence[Job], tokens: Sequence[int]) -> list[int]:
+        """Give each job its next token and send what it produced; returns the rows still going."""
         outcomes: list[tuple[Job, Outcome]] = []
         staying = []
         for row, (job, token) in enumerate(zip(jobs, tokens)):
@@ -228,6 +269,19 @@ class BatchWorker:
             self._retire(job)
         _send([(job, job.aborted()) for job in dropped])
         return [row for row, flag in enumerate(cancelled) if not flag]
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        """Fail the one job a model call raised for, alone."""
+        logger.error("model %s failed a request", self._name, exc_info=exc)
+        self._retire(job)
+        _send([(job, self._failure(exc))])
+
+    def _failure(self, exc: Exception) -> EngineError:
+        # The exception's own text stays in the log: it can name internals.
+        return EngineError(
+            f"the engine serving model '{self._name}' failed on this request "
+            f"({type(exc).__name__}); the server log has the details"
+        )
 
     def _abandon(self, jobs: Sequence[Job], error: ServingError) -> None:
         unfinished = [job for job in jobs if not job.done]

@@ -18,7 +18,7 @@ from each row, and what a row's positions are must not change with it:
 
 That holds only for models whose every layer caches all keys and values of plain
 attention; sliding-window, recurrent and state-space layers keep other state. The model
-types in ``DECODER_ONLY_MODELS`` are those checked to decode batched exactly as alone
+types in ``server.registry.engine_kinds.DECODER_ONLY_MODELS`` are those checked to decode batched exactly as alone
 (tests/test_transformers_causal.py compares them with ``generate``).
 """
 
@@ -33,8 +33,6 @@ import torch
 
 from server.engines._padded_rows import join, one_more_column, pad_prompts, select
 
-DECODER_ONLY_MODELS = frozenset({"mpt", "llama", "gpt2", "gpt_neox", "bloom", "falcon"})
-
 
 class CausalBatch:
     def __init__(self, model: Any, cache: Any, mask: torch.Tensor):
@@ -44,10 +42,17 @@ class CausalBatch:
 
     @classmethod
     def prefill(
-        cls, model: Any, prompts: Sequence[Sequence[int]], pad_token_id: int
+        cls,
+        model: Any,
+        prompts: Sequence[Sequence[int]],
+        pad_token_id: int,
+        decoded: Sequence[Sequence[int]] = (),
     ) -> tuple[CausalBatch, torch.Tensor]:
-        """Run new sequences' prompts; returns their batch and the logits of their first token."""
-        input_ids, mask = pad_prompts(prompts, pad_token_id, model.device, left=True)
+        """Run sequences' prompts, each followed by the tokens it already ``decoded`` (when a
+        sequence is rebuilt after a failed step); returns their batch and the logits of each
+        one's next token."""
+        sequences = [[*prompt, *tokens] for prompt, tokens in zip(prompts, decoded or [()] * len(prompts))]
+        input_ids, mask = pad_prompts(sequences, pad_token_id, model.device, left=True)
         # Padding gets position 0 too: it is masked, and the models' tables start there.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         # Only the last position's logits are needed: a prompt's worth would take

@@ -11,7 +11,7 @@ encoder outputs (cross-attention keys) are padded on the right, decoder self-att
 caches on the left, so every row's newest token sits in the same column. Left padding
 keeps each row's attention pattern intact because T5's positions are relative (a bias
 from query-key distance, which padding does not change), which is why the engine
-batches only the encoder-decoders in ``RELATIVE_POSITION_MODELS`` this way.
+batches only the encoder-decoders in ``engine_kinds.RELATIVE_POSITION_MODELS`` this way.
 """
 
 from __future__ import annotations
@@ -23,10 +23,6 @@ import torch
 
 from server.engines._padded_rows import join, one_more_column, pad_prompts, select
 
-# Model types whose decoder positions are relative, so left-padded rows decode exactly
-# as they would alone.
-RELATIVE_POSITION_MODELS = frozenset({"t5", "mt5", "umt5"})
-
 
 class Seq2SeqBatch:
     def __init__(self, model: Any, cache: Any, encoder_mask: torch.Tensor, decoder_mask: torch.Tensor):
@@ -37,22 +33,29 @@ class Seq2SeqBatch:
 
     @classmethod
     def prefill(
-        cls, model: Any, prompts: Sequence[Sequence[int]], pad_token_id: int
+        cls,
+        model: Any,
+        prompts: Sequence[Sequence[int]],
+        pad_token_id: int,
+        decoded: Sequence[Sequence[int]] = (),
     ) -> tuple[Seq2SeqBatch, torch.Tensor]:
-        """Encode new sequences and run their first decoder step; returns their logits too."""
+        """Encode sequences and run the decoder over the start token and the tokens each
+        already ``decoded`` (when a sequence is rebuilt after a failed step); returns their
+        batch and the logits of each one's next token."""
         device = model.device
         input_ids, encoder_mask = pad_prompts(prompts, pad_token_id, device, left=False)
         encoded = model.get_encoder()(input_ids=input_ids, attention_mask=encoder_mask)
-        start = torch.full(
-            (len(prompts), 1), model.config.decoder_start_token_id, dtype=torch.long, device=device
-        )
+        start = model.config.decoder_start_token_id
+        decoder_inputs = [[start, *tokens] for tokens in decoded or [()] * len(prompts)]
+        decoder_ids, decoder_mask = pad_prompts(decoder_inputs, pad_token_id, device, left=True)
         output = model(
             encoder_outputs=(encoded.last_hidden_state,),
             attention_mask=encoder_mask,
-            decoder_input_ids=start,
+            decoder_input_ids=decoder_ids,
+            decoder_attention_mask=decoder_mask,
             use_cache=True,
         )
-        batch = cls(model, output.past_key_values, encoder_mask, torch.ones_like(start))
+        batch = cls(model, output.past_key_values, encoder_mask, decoder_mask)
         return batch, output.logits[:, -1]
 
     def step(self, tokens: Sequence[int]) -> torch.Tensor:

@@ -10,7 +10,7 @@ counts, abort on disconnect, and concurrent requests decoded together in one bat
 Two kinds of model are served, each batched its own way: T5-family encoder-decoders
 (``_seq2seq_batch``) and decoder-only causal LMs (``_causal_batch``), each limited to
 the model types whose batched output is known to equal their output alone. Anything
-else is refused at load, and by ``v4serve check`` (``architecture_refusal``).
+else is refused at load, and by ``v4serve check`` (``server.registry.engine_kinds``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from server.engines._batch_worker import BatchWorker, Job
-from server.engines._causal_batch import DECODER_ONLY_MODELS, CausalBatch
+from server.engines._causal_batch import CausalBatch
 from server.engines._detokenizer import IncrementalDetokenizer
-from server.engines._seq2seq_batch import RELATIVE_POSITION_MODELS, Seq2SeqBatch
+from server.engines._seq2seq_batch import Seq2SeqBatch
 from server.engines.base import (
     AdapterRef,
     Engine,
@@ -37,6 +37,7 @@ from server.engines.base import (
 from server.engines.rules import fit_to_context, render_chat
 from server.errors import InvalidRequestError, ServingError
 from server.registry import ModelEntry
+from server.registry.engine_kinds import model_type_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +50,6 @@ ENGINE_ARGS = frozenset({"max_batch_size"})
 FALLBACK_CONTEXT = 512
 # Config keys that give a checkpoint's context length, by the names model types use.
 CONTEXT_KEYS = ("n_positions", "max_seq_len", "max_position_embeddings")
-# What every refusal lists: the model types the engine batches correctly.
-_SERVED = (
-    f"it serves the encoder-decoder model types {', '.join(sorted(RELATIVE_POSITION_MODELS))} "
-    f"and the decoder-only model types {', '.join(sorted(DECODER_ONLY_MODELS))}"
-)
 
 
 class TransformersEngine(Engine):
@@ -94,7 +90,7 @@ class TransformersEngine(Engine):
         hub = {"revision": entry.revision, "trust_remote_code": entry.trust_remote_code}
         config = AutoConfig.from_pretrained(weights, **hub)
         encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-        refusal = _model_type_refusal(config.model_type, encoder_decoder)
+        refusal = model_type_refusal(config.model_type, encoder_decoder)
         if refusal:
             raise ValueError(f"{refusal}; register this model with engine: vllm")
         if not encoder_decoder:
@@ -222,31 +218,6 @@ def _torch_dtype(dtype: str, on_gpu: bool) -> Any:
     if dtype == "auto":
         return "auto" if on_gpu else torch.float32
     return getattr(torch, dtype)
-
-
-def architecture_refusal(architecture: str) -> str | None:
-    """Why the engine cannot serve checkpoints of model class ``architecture`` (a config's
-    ``architectures[0]``), or None when it can; decided from the name, for ``v4serve check``."""
-    from transformers.models.auto import modeling_auto
-
-    for encoder_decoder, classes in (
-        (True, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
-        (False, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
-    ):
-        for model_type, names in classes.items():
-            named = names == architecture or (not isinstance(names, str) and architecture in names)
-            if named and _model_type_refusal(model_type, encoder_decoder) is None:
-                return None
-    return f"the transformers engine does not serve '{architecture}': {_SERVED}"
-
-
-def _model_type_refusal(model_type: str, encoder_decoder: bool) -> str | None:
-    """Why the engine cannot serve a checkpoint whose config says this, or None when it can."""
-    served = RELATIVE_POSITION_MODELS if encoder_decoder else DECODER_ONLY_MODELS
-    if model_type in served:
-        return None
-    kind = "encoder-decoder" if encoder_decoder else "decoder-only"
-    return f"the transformers engine does not serve the {kind} model type '{model_type}': {_SERVED}"
 
 
 def _check_positions(entry: ModelEntry, config: Any) -> None:

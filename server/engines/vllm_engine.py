@@ -29,15 +29,12 @@ from server.engines.base import (
 from server.engines.rules import fit_to_context, render_chat
 from server.errors import EngineError, InvalidRequestError, UnavailableError
 from server.registry import ModelEntry
+from server.registry.engine_kinds import DEFAULT_CPU_KV_CACHE_BYTES
 
 if TYPE_CHECKING:
     import PIL.Image
 
 logger = logging.getLogger(__name__)
-
-# What a CPU engine gets when its entry names no KV-cache size: vLLM's default (a share
-# of the NUMA node's RAM) refuses to start on small machines.
-DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 # vLLM reserves buffers for this many adapters in one batch; with more adapters on one
 # base, the others wait for a free slot.
@@ -264,8 +261,12 @@ class VLLMEngine(Engine):
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
-            logger.exception("generation failed for model %s", self.model_id)
-            raise EngineError(f"the engine serving model '{self.model_id}' failed: {exc}") from exc
+            logger.exception("generation failed for model %s, request %s", self.model_id, request_id)
+            # The exception's own text stays in the log: it can name internals.
+            raise EngineError(
+                f"the engine serving model '{self.model_id}' failed on this request "
+                f"({type(exc.__cause__ or exc).__name__}); the server log has the details under {request_id}"
+            ) from exc
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)

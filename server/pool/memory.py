@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from server.engines.vllm_engine import DEFAULT_CPU_KV_CACHE_BYTES
+from server.registry.engine_kinds import DEFAULT_CPU_KV_CACHE_BYTES
 from server.pool.placement import Device
 from server.registry import ModelEntry
 

@@ -11,7 +11,19 @@ Memory is budgeted per device. A model that does not fit beside the loaded ones 
 unloads (or, with sleep mode on GPUs, puts to sleep) the least recently used model that
 is neither pinned nor serving a request; a model unused for longer than its keep-alive
 is unloaded by itself. An engine that dies is noticed, its requests fail with 503, and
-it is restarted by the next request, with a growing back-off if it keeps failing.
+it is restarted by the next request, with a growing back-off if it keeps failing (see
+``HEALTHY_SECONDS``).
+
+Every change to which engines hold memory (start, wake, sleep, unload) happens under one
+lock, and memory is handed back only once an engine has finished going to sleep or
+shutting down, so a load never counts on memory an engine still holds, and a request
+that arrives while its model is being put away waits for that to end, then brings it
+back.
+
+What a failure shows to clients (503 messages, ``GET /v4/models``) says what failed and
+the exception's type; the whole exception, with the paths of weights and caches, goes to
+the server log. Only messages the server writes for clients itself (``_PUBLIC_ERRORS``)
+are shown in full, with local paths cut out.
 
 A LoRA adapter entry has no engine of its own: its base's engine is started with every
 adapter registered on that base, so one engine serves the base and all its fine-tunes.
@@ -20,10 +32,10 @@ adapter registered on that base, so one engine serves the base and all its fine-
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import gc
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -36,16 +48,22 @@ from server.pool.memory import memory_need
 from server.pool.placement import Device, DevicePlanner, Placement
 from server.registry import ModelEntry, RegisteredModel, Registry
 from server.weights import lora_rank, resolve_source
+from server.weights.hub import HubError
 
 logger = logging.getLogger(__name__)
 
 # (model ID, entry, weights, LoRA adapters on the model, launch options) -> a ready engine.
 EngineStarter = Callable[[str, ModelEntry, str, Sequence[AdapterRef], LaunchOptions], Awaitable[Engine]]
 
-# Back-off after a failed load or a dead engine: the first retry is immediate (the
-# cause may have been a one-off), then the waits double up to the cap.
+# Back-off after a failed load, a failed wake or a dead engine. Failures are counted
+# until an engine of the model has served for HEALTHY_SECONDS: the first is retried at
+# once (the cause may have been a one-off), then the waits double from
+# FIRST_BACKOFF_SECONDS (2, 4, 8 ... s) up to MAX_BACKOFF_SECONDS. A successful load
+# alone does not reset the count, so a request that kills its engine every time makes
+# reloads ever rarer instead of forcing one each time.
 FIRST_BACKOFF_SECONDS = 2.0
 MAX_BACKOFF_SECONDS = 60.0
+HEALTHY_SECONDS = 60.0
 # How often idle models are checked against their keep-alive and engines for liveness.
 WATCH_INTERVAL_SECONDS = 1.0
 
@@ -67,6 +85,16 @@ def _start_transformers(
 
 
 ENGINE_STARTERS: dict[str, EngineStarter] = {"vllm": _start_vllm, "transformers": _start_transformers}
+
+
+class OverBudgetError(RuntimeError):
+    """A model needs more memory than this server's budget offers, even with all else unloaded."""
+
+
+# Errors whose messages the server writes for clients: shown in full, less local paths.
+_PUBLIC_ERRORS = (HubError, OverBudgetError)
+# An absolute or home-relative path, not inside a URL or a hub repo ID ("org/model").
+_LOCAL_PATH = re.compile(r"(?<![\w.:/~-])~?/[^\s'\"`()\[\],;]+")
 
 
 class ModelState(str, enum.Enum):
@@ -99,20 +127,21 @@ class ModelStatus:
 class _Slot:
     """Everything the pool knows about one engine-backed model."""
 
-    def __init__(self, registered: RegisteredModel):
+    def __init__(self, registered: RegisteredModel, now: float):
         entry = registered.entry
         self.registered = registered
         self.state = ModelState.NOT_LOADED
         self.engine: Engine | None = None
         self.placement: Placement | None = None
         self.error: str | None = None
-        self.failures = 0
+        self.failures = 0  # in a row: reset once an engine has served for HEALTHY_SECONDS
         self.retry_at = 0.0
+        self.ready_at: float | None = None  # when the engine last became ready to serve
         self.load_seconds: float | None = None
         self.load_task: asyncio.Task[Engine] | None = None
         self.gate = AdmissionGate(registered.model_id, max_running=entry.max_running, max_queued=entry.max_queued)
         self.holders = 0  # requests holding or waiting for this engine
-        self.last_used = time.monotonic()
+        self.last_used = now
 
     @property
     def model_id(self) -> str:
@@ -151,8 +180,11 @@ class EnginePool:
         keep_alive: float | None = None,
         sleep_mode: bool = False,
         starters: dict[str, EngineStarter] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self._registry = registry
+        # What keep-alive, back-off and health are judged by: tests pass a clock of their own.
+        self._clock = clock
         self._home = home
         self._planner = DevicePlanner(devices) if devices else None
         self._load_timeout = load_timeout
@@ -160,13 +192,14 @@ class EnginePool:
         self._sleep_mode = sleep_mode
         self._starters = starters or ENGINE_STARTERS
         # Adapters get no slot: they are served by their base's engine.
-        self._slots = {m.model_id: _Slot(m) for m in registry if not m.entry.is_adapter}
+        self._slots = {m.model_id: _Slot(m, clock()) for m in registry if not m.entry.is_adapter}
         self._adapters: dict[str, list[RegisteredModel]] = {}
         for m in registry:
             if m.entry.base is not None:
                 self._adapters.setdefault(m.entry.base, []).append(m)
-        # Adapters left out of their base's engine, and why.
+        # Adapters left out of their base's engine, and why (the public text).
         self._adapter_errors: dict[str, str] = {}
+        # Held while engines start, wake, sleep or shut down: see the module docstring.
         self._start_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
@@ -210,30 +243,31 @@ class EnginePool:
             engine = await self._ready_engine(slot)
             adapter_error = self._adapter_errors.get(registered.model_id)
             if adapter_error is not None:
-                raise UnavailableError(f"LoRA adapter '{registered.model_id}' failed to load: {adapter_error}")
+                raise UnavailableError(f"LoRA adapter '{registered.model_id}' {adapter_error}")
             started = await slot.gate.enter()
         except BaseException:
             slot.holders -= 1
-            slot.last_used = time.monotonic()
+            slot.last_used = self._clock()
             raise
         return Lease(self, slot, engine, started)
 
     def _release(self, slot: _Slot, started: float) -> None:
         slot.gate.leave(started)
         slot.holders -= 1
-        slot.last_used = time.monotonic()
+        slot.last_used = self._clock()
 
     async def _ready_engine(self, slot: _Slot) -> Engine:
-        if slot.engine is not None and not slot.engine.alive:
-            await self._engine_died(slot)
+        engine = slot.engine
+        if engine is not None and slot.load_task is None and not engine.alive:
+            await self._engine_died(slot, engine)
         if slot.engine is not None and slot.state is ModelState.READY:
             return slot.engine
         if self._closed:
             raise UnavailableError("the server is shutting down", retry_after=30)
-        if slot.state is ModelState.FAILED and time.monotonic() < slot.retry_at:
+        wait = slot.retry_at - self._clock()
+        if slot.state is ModelState.FAILED and wait > 0:
             raise UnavailableError(
-                f"model '{slot.model_id}' failed: {slot.error}; retrying after back-off",
-                retry_after=slot.retry_at - time.monotonic(),
+                f"model '{slot.model_id}' {slot.error}; it is tried again in {wait:.0f} s", retry_after=wait
             )
         if slot.load_task is None:
             slot.load_task = asyncio.create_task(self._load(slot))
@@ -246,28 +280,33 @@ class EnginePool:
 
     async def _load(self, slot: _Slot) -> Engine:
         model_id = slot.model_id
-        previous_state, slot.state = slot.state, ModelState.LOADING
-        started = time.monotonic()
+        slot.state = ModelState.LOADING
+        started = self._clock()
+        waking = False
         try:
             async with self._start_lock:
-                if previous_state is ModelState.SLEEPING and slot.engine is not None:
-                    engine = await self._wake(slot)
-                else:
-                    engine = await self._start(slot)
+                # Decided under the lock: the watcher may have been putting the model to
+                # sleep or unloading it. An engine still here is asleep (a dead one is
+                # unloaded before a load is started).
+                waking = slot.engine is not None
+                slot.state = ModelState.LOADING
+                engine = await (self._wake(slot) if waking else self._start(slot))
         except UnavailableError:
             # Not enough room right now is not a failure of the model: nothing to back off.
-            slot.state = previous_state if previous_state is ModelState.SLEEPING else ModelState.NOT_LOADED
+            slot.state = ModelState.SLEEPING if slot.engine is not None else ModelState.NOT_LOADED
             raise
         except Exception as exc:
-            self._failed(slot, f"failed to load: {_reason(exc)}")
+            what = "failed to wake from sleep" if waking else "failed to load"
+            logger.error("model %s %s", model_id, what, exc_info=exc)
+            self._failed(slot, f"{what} ({_public_reason(exc)})")
             raise UnavailableError(
-                f"model '{model_id}' {slot.error}", retry_after=max(1.0, slot.retry_at - time.monotonic())
+                f"model '{model_id}' {slot.error}", retry_after=max(1.0, slot.retry_at - self._clock())
             ) from exc
         finally:
             slot.load_task = None
-        slot.engine, slot.state, slot.error, slot.failures = engine, ModelState.READY, None, 0
-        slot.load_seconds = time.monotonic() - started
-        slot.last_used = time.monotonic()
+        slot.engine, slot.state, slot.error = engine, ModelState.READY, None
+        slot.ready_at = slot.last_used = self._clock()
+        slot.load_seconds = slot.ready_at - started
         logger.info("model %s ready in %.1f s", model_id, slot.load_seconds)
         _freeze_gc_heap()
         return engine
@@ -294,12 +333,19 @@ class EnginePool:
             raise
 
     async def _wake(self, slot: _Slot) -> Engine:
-        assert slot.engine is not None and slot.placement is not None
+        engine = slot.engine
+        assert engine is not None and slot.placement is not None
         if self._planner is not None:
             await self._make_room(slot, None, on=slot.placement.devices)
         logger.info("waking model %s", slot.model_id)
-        await slot.engine.wake_up()
-        return slot.engine
+        try:
+            await engine.wake_up()
+        except Exception:
+            # Half awake is no state to serve from: the engine goes, with its memory,
+            # and the next request after the back-off starts a fresh one.
+            await self._unload(slot, ModelState.FAILED)
+            raise
+        return engine
 
     async def _make_room(self, slot: _Slot, weights: str | None, on: tuple[Device, ...] | None = None) -> Placement:
         """Place ``slot`` on devices, unloading least recently used idle models as needed."""
@@ -312,7 +358,7 @@ class EnginePool:
         )
         tp = entry.tensor_parallel_size
         if not self._planner.fits_at_all(need, tp):
-            raise RuntimeError(
+            raise OverBudgetError(
                 f"it needs {need / (1 << 30):.1f} GiB on {tp} device(s), more than this server's "
                 "memory budget (--memory-budget) offers"
             )
@@ -329,12 +375,22 @@ class EnginePool:
         return placement
 
     async def _evict(self, slot: _Slot, *, reason: str) -> None:
-        """Free ``slot``'s memory: sleep when the engine can, else unload it."""
-        assert slot.engine is not None
-        if self._sleep_mode and slot.engine.supports_sleep:
+        """Free ``slot``'s memory: sleep when the engine can, else unload it.
+
+        The caller holds the start lock.
+        """
+        engine = slot.engine
+        assert engine is not None
+        self._end_of_service(slot)
+        if self._sleep_mode and engine.supports_sleep:
             logger.info("putting model %s to sleep %s", slot.model_id, reason)
             slot.state = ModelState.SLEEPING
-            await slot.engine.sleep()
+            try:
+                await engine.sleep()
+            except Exception:
+                logger.exception("model %s failed to go to sleep; unloading it instead", slot.model_id)
+                await self._unload(slot, ModelState.NOT_LOADED)
+                return
             if self._planner is not None:
                 self._planner.release(slot.model_id)  # the devices stay recorded in slot.placement
             return
@@ -342,11 +398,15 @@ class EnginePool:
         await self._unload(slot, ModelState.NOT_LOADED)
 
     async def _unload(self, slot: _Slot, state: ModelState) -> None:
+        """Shut ``slot``'s engine down, then hand its memory back; the caller holds the start lock."""
         engine, slot.engine, slot.state = slot.engine, None, state
-        self._free_placement(slot)
-        if engine is not None:
-            with contextlib.suppress(Exception):
+        try:
+            if engine is not None:
                 await engine.shutdown()
+        except Exception:
+            logger.exception("shutting down model %s failed", slot.model_id)
+        finally:
+            self._free_placement(slot)
 
     def _free_placement(self, slot: _Slot) -> None:
         if self._planner is not None:
@@ -354,14 +414,32 @@ class EnginePool:
         slot.placement = None
 
     def _failed(self, slot: _Slot, error: str) -> None:
+        """Mark ``slot`` failed with the public ``error``, and set its back-off."""
         slot.failures += 1
-        backoff = 0.0 if slot.failures == 1 else min(MAX_BACKOFF_SECONDS, FIRST_BACKOFF_SECONDS * 2 ** (slot.failures - 2))
-        slot.state, slot.error, slot.retry_at = ModelState.FAILED, error, time.monotonic() + backoff
-        logger.error("model %s %s (failure %d; next try in %.0f s)", slot.model_id, error, slot.failures, backoff)
+        backoff = _backoff(slot.failures)
+        slot.state, slot.error, slot.retry_at = ModelState.FAILED, error, self._clock() + backoff
+        logger.error(
+            "model %s %s (failure %d in a row; next try in %.0f s)", slot.model_id, error, slot.failures, backoff
+        )
 
-    async def _engine_died(self, slot: _Slot) -> None:
-        self._failed(slot, "failed: its engine process died; it restarts on the next request")
-        await self._unload(slot, ModelState.FAILED)
+    def _end_of_service(self, slot: _Slot) -> None:
+        """``slot``'s engine stops serving: if it served long enough, past failures are forgiven."""
+        if slot.ready_at is not None and self._clock() - slot.ready_at >= HEALTHY_SECONDS:
+            slot.failures = 0
+        slot.ready_at = None
+
+    async def _engine_died(self, slot: _Slot, engine: Engine) -> None:
+        """Fail the model at once, then shut the dead ``engine`` down under the start lock.
+
+        Several requests, and the watcher, may notice the same death: the first says so,
+        and only the one that still finds ``engine`` on the slot unloads it.
+        """
+        if slot.state is not ModelState.FAILED:
+            self._end_of_service(slot)
+            self._failed(slot, "failed: its engine process died")
+        async with self._start_lock:
+            if slot.engine is engine:
+                await self._unload(slot, ModelState.FAILED)
 
     def _resolve_adapters(self, base_id: str) -> list[AdapterRef]:
         """The adapters on ``base_id``, their weights made present; blocks (may download).
@@ -376,8 +454,8 @@ class EnginePool:
                 path = resolve_source(entry.adapter, self._home, revision=entry.revision)
                 adapters.append(AdapterRef(adapter_id, path, lora_rank(path)))
             except Exception as exc:
-                self._adapter_errors[adapter_id] = reason = _reason(exc)
-                logger.error("LoRA adapter %s left out of model %s: %s", adapter_id, base_id, reason)
+                self._adapter_errors[adapter_id] = f"failed to load ({_public_reason(exc)})"
+                logger.error("LoRA adapter %s left out of model %s", adapter_id, base_id, exc_info=exc)
             else:
                 self._adapter_errors.pop(adapter_id, None)
         return adapters
@@ -403,26 +481,43 @@ class EnginePool:
                 logger.error("preloading %s failed: %s", name, exc)
 
     async def _watch(self) -> None:
-        """Unload models past their keep-alive; notice engines that died while idle."""
+        """Unload models past their keep-alive; notice engines that died while idle.
+
+        A check that raises is logged and watching goes on: a watcher that stopped would
+        silently end keep-alive and liveness checks for good.
+        """
         while True:
             await asyncio.sleep(WATCH_INTERVAL_SECONDS)
-            now = time.monotonic()
             for slot in list(self._slots.values()):
-                if slot.engine is None or slot.load_task is not None:
-                    continue
-                if not slot.engine.alive:
-                    await self._engine_died(slot)
-                    continue
-                keep_alive = slot.registered.entry.keep_alive or self._keep_alive
-                if keep_alive is not None and slot.evictable and now - slot.last_used > keep_alive:
-                    await self._evict(slot, reason=f"after {keep_alive:g} s unused (keep-alive)")
+                try:
+                    await self._watch_slot(slot)
+                except Exception:
+                    logger.exception("watching model %s failed; watching goes on", slot.model_id)
+
+    async def _watch_slot(self, slot: _Slot) -> None:
+        engine = slot.engine
+        if engine is None or slot.load_task is not None:
+            return
+        if not engine.alive:
+            await self._engine_died(slot, engine)
+            return
+        keep_alive = slot.registered.entry.keep_alive or self._keep_alive
+        if keep_alive is None or not self._unused_for(slot, keep_alive):
+            return
+        async with self._start_lock:
+            # A request may have taken the model, or a load put it away, meanwhile.
+            if self._unused_for(slot, keep_alive):
+                await self._evict(slot, reason=f"after {keep_alive:g} s unused (keep-alive)")
+
+    def _unused_for(self, slot: _Slot, seconds: float) -> bool:
+        return slot.evictable and self._clock() - slot.last_used > seconds
 
     def is_ready(self, names: Iterable[str]) -> bool:
         return all(self._slot_of(self.lookup(n)).state is ModelState.READY for n in names)
 
     def status(self) -> list[ModelStatus]:
         """Every registered model; an adapter shows the state of its base's engine."""
-        now = time.monotonic()
+        now = self._clock()
         statuses = []
         for registered in self._registry:
             entry, slot = registered.entry, self._slot_of(registered)
@@ -456,17 +551,33 @@ class EnginePool:
         for slot in self._slots.values():
             if slot.load_task is not None:
                 slot.load_task.cancel()
-            if slot.engine is not None:
-                logger.info("shutting down model %s", slot.model_id)
-                await self._unload(slot, ModelState.NOT_LOADED)
+        # The cancelled loads and watcher let go of the lock as they end.
+        async with self._start_lock:
+            for slot in self._slots.values():
+                if slot.engine is not None:
+                    logger.info("shutting down model %s", slot.model_id)
+                    await self._unload(slot, ModelState.NOT_LOADED)
 
 
-def _reason(exc: BaseException) -> str:
-    """The most specific message in an exception chain: vLLM wraps start-up errors."""
-    while exc.__cause__ is not None and not str(exc):
-        exc = exc.__cause__
-    text = str(exc) or type(exc).__name__
-    return text.strip().splitlines()[-1][:500]
+def _backoff(failures: int) -> float:
+    """Seconds to wait before retrying after ``failures`` in a row (see FIRST_BACKOFF_SECONDS)."""
+    if failures <= 1:
+        return 0.0
+    return min(MAX_BACKOFF_SECONDS, FIRST_BACKOFF_SECONDS * 2 ** (failures - 2))
+
+
+def _public_reason(exc: BaseException) -> str:
+    """What a client may see of ``exc``: its type, and the message only where the server
+    wrote it for clients (``_PUBLIC_ERRORS``), with local paths cut out.
+
+    Other messages are written for developers and name weight, cache and adapter paths;
+    they stay in the server log.
+    """
+    name = type(exc).__name__
+    if not isinstance(exc, _PUBLIC_ERRORS):
+        return f"{name}; the server log has the details"
+    text = _LOCAL_PATH.sub("<local path>", str(exc).strip())
+    return f"{name}: {text[:500]}"
 
 
 def _freeze_gc_heap() -> None:

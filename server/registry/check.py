@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.registry.engine_kinds import architecture_refusal
 from server.registry.loader import RegisteredModel, Registry
 from server.weights import local_dir
 
@@ -86,8 +87,6 @@ def _check_model(registered: RegisteredModel) -> list[Problem]:
 def _engine_refusal(engine: str, architecture: str) -> str | None:
     """Why ``engine`` cannot run ``architecture``, or None when it can."""
     import transformers
-
-    from server.engines.transformers_engine import architecture_refusal
 
     in_transformers = hasattr(transformers, architecture)
     if engine == "transformers":

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
-from PIL import Image as PILImage
-
 from server.errors import InvalidRequestError, ServingError
-from server.pool import EnginePool, GenerationDelta, Lease, PreparedRequest
+from server.pool import Engine, EnginePool, GenerationDelta, Lease, PreparedRequest, SamplingOptions
 from server.protocol import Completion, CompletionRequest, CompletionResponse, TokenUsage
 from server.registry import ModelEntry
-from server.service.images import ImagePolicy, load_images
-from server.service.prompts import build_prompt
+from server.service.images import EncodedImage, ImagePolicy, PixelBudget, decode_images, read_images
+from server.service.prompts import BuiltPrompt, build_prompt
 from server.service.sampling import sampling_options
 
 logger = logging.getLogger(__name__)
@@ -68,9 +66,29 @@ class PendingCompletion:
             outcome = f"finish={last.finish_reason if last else None}"
         except ServingError as exc:
             outcome = f"failed: {exc.message}"
+            await self._abort()
+            raise
+        except Exception as exc:
+            outcome = f"failed: {type(exc).__name__}"
+            await self._abort()
             raise
         finally:
             self._log(last, outcome)
+
+    async def _abort(self) -> None:
+        """Take a failed request out of its engine.
+
+        Whatever failed after the request was handed over (the engine refused a value
+        late, the stream broke), the engine may still count it as running: an engine that
+        never forgets it would hold a batch slot forever and could never be evicted.
+        Aborting an ID the engine no longer knows is harmless.
+        """
+        if not self._engine.alive:
+            return  # a dead engine holds nothing; the pool restarts it
+        try:
+            await self._engine.abort(self.request_id)
+        except Exception:
+            logger.exception("aborting failed request %s", self.request_id)
 
     def _log(self, last: GenerationDelta | None, outcome: str) -> None:
         logger.info(
@@ -78,11 +96,26 @@ class PendingCompletion:
             self.request_id,
             # Usage is per served model: an adapter's, not its base's.
             self._prepared.adapter or self._engine.model_id,
-            self._account_id or "-",
+            # The account may come from the caller: quoted unless a plain token, so it can
+            # neither start a forged line nor add forged fields to this one.
+            _log_token(self._account_id) if self._account_id else "-",
             self._prepared.prompt_tokens,
             last.completion_tokens if last is not None else 0,
-            outcome,
+            _log_text(outcome),
         )
+
+
+_PLAIN_TOKEN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@:+/")
+
+
+def _log_token(value: str) -> str:
+    """``value`` as is when it is a plain token, else its ``repr`` (quoted, escaped)."""
+    return value if all(char in _PLAIN_TOKEN for char in value) else repr(value)
+
+
+def _log_text(text: str) -> str:
+    """Free text with its control characters (newlines included) backslash-escaped."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def _response(text: str, delta: GenerationDelta, *, final: bool) -> CompletionResponse:
@@ -109,6 +142,7 @@ class CompletionService:
     def __init__(self, pool: EnginePool, image_policy: ImagePolicy):
         self._pool = pool
         self._image_policy = image_policy
+        self._pixels = PixelBudget(image_policy.decoded_pixels)
 
     async def prepare(self, request: CompletionRequest, account_id: str | None = None) -> PendingCompletion:
         registered = self._pool.lookup(request.model)
@@ -120,18 +154,20 @@ class CompletionService:
             options = sampling_options(request.model_parameters, registered.entry)
             # A LoRA entry is served by its base's engine, which knows the adapter by its model ID.
             adapter = registered.model_id if registered.entry.is_adapter else None
-            prepared = await engine.prepare(
-                prompt.text, options, add_special_tokens=prompt.add_special_tokens, adapter=adapter, images=images
-            )
+            prepared = await self._engine_input(engine, prompt, options, adapter, images)
         except BaseException:
             lease.release()
             raise
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        return PendingCompletion(lease, prepared, request_id, request.account_id or account_id)
+        # ``account_id`` is decided by the HTTP layer, which knows whether the caller's key
+        # is bound to an account (then it wins over ``request.account_id``): see
+        # ``server.api.auth.Caller.usage_account``.
+        return PendingCompletion(lease, prepared, request_id, account_id)
 
-    async def _images(self, request: CompletionRequest, entry: ModelEntry) -> list[PILImage.Image]:
-        """The request's images, read before an engine is leased: a refused image then
-        costs no model load and takes no place in the model's queue."""
+    async def _images(self, request: CompletionRequest, entry: ModelEntry) -> list[EncodedImage]:
+        """The request's images, read and checked before an engine is leased: a refused
+        image then costs no model load and takes no place in the model's queue. They stay
+        encoded while the request waits: a few KB can decode to a hundred MB."""
         if not request.images:
             return []
         if entry.vision is None:
@@ -139,4 +175,24 @@ class CompletionService:
                 f"model '{request.model}' does not accept images; send images only to a vision model",
                 param="images",
             )
-        return await load_images(request.images, self._image_policy, max_images=entry.vision.max_images)
+        images = await read_images(request.images, self._image_policy, max_images=entry.vision.max_images)
+        self._pixels.check(sum(image.pixels for image in images))
+        return images
+
+    async def _engine_input(
+        self,
+        engine: Engine,
+        prompt: BuiltPrompt,
+        options: SamplingOptions,
+        adapter: str | None,
+        images: Sequence[EncodedImage],
+    ) -> PreparedRequest:
+        """The engine's input, the images decoded only now that the request holds its engine
+        slot, within the server's pixel budget (429 past it). The pixels are reserved until
+        the engine has turned them into its own tensors; once this returns, nothing refers
+        to the decoded images any more."""
+        with self._pixels.hold(sum(image.pixels for image in images)):
+            decoded = await decode_images(images, self._image_policy)
+            return await engine.prepare(
+                prompt.text, options, add_special_tokens=prompt.add_special_tokens, adapter=adapter, images=decoded
+            )

@@ -1,14 +1,20 @@
 """Bytes -> an RGB Pillow image, refusing what could hurt the decoder or the server.
 
-Only the operator's formats are even tried (``Image.open(formats=...)``), which keeps
-untrusted bytes away from Pillow's rarer parsers. ``Image.open`` reads only the header,
-so the pixel count is checked before a single pixel is decoded: a 20 KiB PNG can declare
-10 000 x 10 000 pixels and would take 300 MB once loaded (a decompression bomb).
+Checking and decoding are two steps, because they happen at different times: a request's
+images are checked (``inspect_image``) as soon as they are read, and decoded
+(``decode_image``) only once the request holds its place in the engine. Only the
+operator's formats are even tried (``Image.open(formats=...)``), which keeps untrusted
+bytes away from Pillow's rarer parsers. ``Image.open`` reads only the header, so the
+pixel count is known and checked before a single pixel is decoded: a 5 KB PNG can
+declare 6300 x 6300 pixels, 119 MB once decoded (a decompression bomb).
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -16,17 +22,43 @@ from server.errors import InvalidRequestError, PayloadTooLargeError
 from server.service.images.policy import ImagePolicy
 
 
-def decode_image(data: bytes, policy: ImagePolicy, *, param: str) -> Image.Image:
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    """An image as sent, its header checked: what a request holds while it waits."""
+
+    data: bytes
+    width: int
+    height: int
+    param: str
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def inspect_image(data: bytes, policy: ImagePolicy, *, param: str) -> EncodedImage:
+    """Refuse an unknown format or too many pixels from the header alone."""
+    with _pillow_errors(policy, param), Image.open(io.BytesIO(data), formats=policy.formats) as image:
+        width, height = image.size
+    if width * height > policy.max_pixels:
+        raise PayloadTooLargeError(
+            f"{param} is {width}x{height} pixels, over this server's limit of {policy.max_pixels} pixels",
+            param=param,
+        )
+    return EncodedImage(data, width, height, param)
+
+
+def decode_image(image: EncodedImage, policy: ImagePolicy) -> Image.Image:
+    with _pillow_errors(policy, image.param), Image.open(io.BytesIO(image.data), formats=policy.formats) as opened:
+        # convert() loads the pixels; a truncated file fails here, not later in the engine.
+        return opened.convert("RGB")
+
+
+@contextmanager
+def _pillow_errors(policy: ImagePolicy, param: str) -> Iterator[None]:
+    """Pillow's ways of refusing bytes, as the caller's error naming the image."""
     try:
-        with Image.open(io.BytesIO(data), formats=policy.formats) as image:
-            width, height = image.size
-            if width * height > policy.max_pixels:
-                raise PayloadTooLargeError(
-                    f"{param} is {width}x{height} pixels, over this server's limit of {policy.max_pixels} pixels",
-                    param=param,
-                )
-            # convert() loads the pixels; a truncated file fails here, not later in the engine.
-            return image.convert("RGB")
+        yield
     except Image.UnidentifiedImageError as exc:
         raise InvalidRequestError(f"{param} is not a {_names(policy.formats)} image", param=param) from exc
     except Image.DecompressionBombError as exc:

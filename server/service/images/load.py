@@ -1,9 +1,12 @@
-"""A request's ``images`` -> decoded RGB images, within the operator's limits.
+"""A request's ``images`` -> checked bytes, and later -> decoded RGB images.
 
-All images are read concurrently under one deadline for the whole request, so a slow
-host costs a caller at most ``fetch_timeout``, however many images it names; the first
-image refused fails the request at once and the other reads are cancelled. Decoding
-(base64 and Pillow) and file reads run in worker threads, off the event loop that
+Reading and decoding are apart on purpose. ``read_images`` runs before the request takes
+a place in the model's queue: all images are read concurrently under one deadline for
+the whole request, so a slow host costs a caller at most ``fetch_timeout``, however many
+images it names; the first image refused fails the request at once and the other reads
+are cancelled. What is kept is the bytes and the header's pixel count, never pixels.
+``decode_images`` runs once the request holds its engine slot and its share of the
+``PixelBudget``. File reads and Pillow run in worker threads, off the event loop that
 serves every other request.
 """
 
@@ -19,21 +22,21 @@ from PIL import Image as PILImage
 
 from server.errors import InvalidRequestError
 from server.protocol import Image
-from server.service.images.decode import decode_image
+from server.service.images.decode import EncodedImage, decode_image, inspect_image
 from server.service.images.fetch import fetch_url
 from server.service.images.guard import Resolver, system_resolve
 from server.service.images.local import read_data_uri, read_file_url
 from server.service.images.policy import ImagePolicy
 
 
-async def load_images(
+async def read_images(
     images: Sequence[Image],
     policy: ImagePolicy,
     *,
     max_images: int,
     resolve: Resolver = system_resolve,
     transport: httpx.AsyncBaseTransport | None = None,
-) -> list[PILImage.Image]:
+) -> list[EncodedImage]:
     """``resolve`` and ``transport`` replace DNS and the network, for tests; callers leave them."""
     if len(images) > max_images:
         raise InvalidRequestError(
@@ -60,10 +63,30 @@ async def load_images(
             await asyncio.gather(*reads, return_exceptions=True)
     return await asyncio.gather(
         *(
-            asyncio.to_thread(decode_image, data, policy, param=_param(index))
+            asyncio.to_thread(inspect_image, data, policy, param=_param(index))
             for index, data in enumerate(payloads)
         )
     )
+
+
+async def decode_images(images: Sequence[EncodedImage], policy: ImagePolicy) -> list[PILImage.Image]:
+    """Decode every image, returning (or failing) only once no thread is decoding any.
+
+    A thread cannot be stopped: were this to return on the first failure or on
+    cancellation, the caller would give back its pixel budget while threads still fill it.
+    """
+    decodes = asyncio.gather(
+        *(asyncio.to_thread(decode_image, image, policy) for image in images), return_exceptions=True
+    )
+    try:
+        results = await asyncio.shield(decodes)
+    except asyncio.CancelledError:
+        await asyncio.wait([decodes])
+        raise
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 @functools.cache

@@ -40,10 +40,16 @@ def read_file_url(url: str, policy: ImagePolicy, *, param: str) -> bytes:
         raise InvalidRequestError(
             "file: image URLs are refused: this server names no folder to read from", param=param
         )
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # a bracketed host that is not one: file://[x/a.png
+        raise InvalidRequestError(f"file: image URL is malformed ({exc})", param=param) from exc
     if parts.netloc not in ("", "localhost"):
         raise InvalidRequestError("a file: image URL must name a local path (file:///...)", param=param)
-    path = Path(unquote(parts.path)).resolve()
+    name = unquote(parts.path)
+    if "\0" in name:  # no path holds one, and os calls raise ValueError on it
+        raise InvalidRequestError("a file: image URL must not hold a NUL character", param=param)
+    path = Path(name).resolve()
     if not path.is_relative_to(policy.file_root.resolve()):
         raise InvalidRequestError("file: image URL is outside the folder this server reads images from", param=param)
     try:

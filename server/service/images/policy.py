@@ -23,6 +23,9 @@ class ImagePolicy:
     max_bytes: int = 20 << 20
     # Decompression-bomb guard: a tiny PNG can declare 10 000 x 10 000 pixels.
     max_pixels: int = 40_000_000
+    # Pixels all requests may hold decoded at once (PixelBudget): bytes are cheap to queue,
+    # pixels are not (a 5 KB PNG can decode to 119 MB).
+    decoded_pixels: int = 400_000_000
     formats: tuple[str, ...] = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
     # Lower-case host names; empty means any host whose addresses are public.
     allowed_domains: frozenset[str] = frozenset()
@@ -49,6 +52,7 @@ class ImagePolicy:
             fetch_timeout=settings.image_fetch_timeout,
             max_bytes=settings.image_max_bytes,
             max_pixels=settings.image_max_pixels,
+            decoded_pixels=settings.image_decoded_pixels,
             formats=tuple(name.upper() for name in settings.image_formats),
             allowed_domains=frozenset(domain.lower().rstrip(".") for domain in settings.image_allowed_domains),
             allow_private_networks=settings.image_allow_private_networks,
