@@ -47,8 +47,12 @@ def free_port() -> int:
 
 
 def ttft(base_url: str, model: str) -> float:
-    body = {"model": model, "prompt": "Hello there", "stream": True,
-            "model_parameters": {"temperature": 0, "max_tokens": 16}}
+    body = {
+        "model": model,
+        "prompt": "Hello there",
+        "stream": True,
+        "model_parameters": {"temperature": 0, "max_tokens": 16},
+    }
     start = time.perf_counter()
     first = None
     with httpx.stream("POST", f"{base_url}/v4/completions", json=body, timeout=900) as response:
@@ -77,13 +81,29 @@ def main() -> int:
             registry = Path(scratch) / "swap.yaml"
             registry.write_text(TINY_PAIR)
         port = free_port()
-        command = [sys.executable, "-m", "server", "serve", "--port", str(port), "--registry", str(registry),
-                   "--memory-budget", args.budget, "--preload", args.model_a, "--log-level", "warning"]
+        command = [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--port",
+            str(port),
+            "--registry",
+            str(registry),
+            "--memory-budget",
+            args.budget,
+            "--preload",
+            args.model_a,
+            "--log-level",
+            "warning",
+        ]
         if args.sleep_mode:
             command.append("--sleep-mode")
         env = {k: v for k, v in os.environ.items() if not k.startswith("V4SERVE_")}
-        log = open(Path(scratch) / "server.log", "wb")
-        server = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(Path(scratch) / "server.log", "wb") as log:  # the child keeps its own copy
+            server = subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         base_url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 900
@@ -113,8 +133,10 @@ def main() -> int:
         "sleep_mode": args.sleep_mode,
         "models": [args.model_a, args.model_b],
     }
-    print(f"warm TTFT p50 {result['warm_ttft_ms_p50']:.1f} ms; swap TTFT p50 {result['swap_ttft_s_p50']:.2f} s "
-          f"over {len(swaps)} swaps ({'sleep mode' if args.sleep_mode else 'unload and reload'})")
+    print(
+        f"warm TTFT p50 {result['warm_ttft_ms_p50']:.1f} ms; swap TTFT p50 {result['swap_ttft_s_p50']:.2f} s "
+        f"over {len(swaps)} swaps ({'sleep mode' if args.sleep_mode else 'unload and reload'})"
+    )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return 0

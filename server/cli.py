@@ -28,38 +28,39 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default: loopback unless API keys are set)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     _add_registry_option(serve)
+    serve.add_argument("--preload", action="append", metavar="ID", help="load this model at start-up (repeatable)")
     serve.add_argument(
-        "--preload", action="append", metavar="ID", help="load this model at start-up (repeatable)"
-    )
-    serve.add_argument(
-        "--api-keys-file", type=Path, metavar="FILE",
+        "--api-keys-file",
+        type=Path,
+        metavar="FILE",
         help="file of API keys, one 'key' or 'key:account' a line, '#' comments; keys are printable "
         "ASCII without spaces, and a file without keys is refused",
     )
     _add_home_option(serve)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
-        "--memory-budget", metavar="SIZE",
+        "--memory-budget",
+        metavar="SIZE",
         help="memory engines may use per device, e.g. 70GiB (default: 90%% of each GPU, or of RAM without GPUs)",
     )
     serve.add_argument(
         "--keep-alive", type=float, metavar="SECONDS", help="unload a model unused this long (default: never)"
     )
     serve.add_argument(
-        "--sleep-mode", action="store_true", default=None,
+        "--sleep-mode",
+        action="store_true",
+        default=None,
         help="on GPUs, park idle models' weights in host memory instead of unloading them",
     )
     serve.add_argument(
-        "--shutdown-timeout", type=float, metavar="SECONDS",
+        "--shutdown-timeout",
+        type=float,
+        metavar="SECONDS",
         help="how long running requests may finish after SIGTERM (default 30)",
     )
-    check = commands.add_parser(
-        "check", help="validate the merged registry without weights; exit 1 on problems"
-    )
+    check = commands.add_parser("check", help="validate the merged registry without weights; exit 1 on problems")
     _add_registry_option(check)
-    listing = commands.add_parser(
-        "models", help="list the registered models and whether their weights are here"
-    )
+    listing = commands.add_parser("models", help="list the registered models and whether their weights are here")
     _add_registry_option(listing)
     _add_home_option(listing)
     pull = commands.add_parser(
@@ -72,7 +73,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_registry_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--registry", action="append", type=Path, dest="registry_files", metavar="FILE",
+        "--registry",
+        action="append",
+        type=Path,
+        dest="registry_files",
+        metavar="FILE",
         help="operator registry file laid over the shipped one (repeatable)",
     )
 
@@ -85,8 +90,17 @@ def _settings(args: argparse.Namespace) -> Settings:
     given = {
         name: value
         for name in (
-            "host", "port", "registry_files", "preload", "api_keys_file", "home", "log_level",
-            "memory_budget", "keep_alive", "sleep_mode", "shutdown_timeout",
+            "host",
+            "port",
+            "registry_files",
+            "preload",
+            "api_keys_file",
+            "home",
+            "log_level",
+            "memory_budget",
+            "keep_alive",
+            "sleep_mode",
+            "shutdown_timeout",
         )
         if (value := getattr(args, name, None)) is not None
     }
@@ -115,12 +129,14 @@ def serve(settings: Settings) -> int:
         if _is_loopback(host):
             logger.warning(
                 "no API keys configured (V4SERVE_API_KEYS or --api-keys-file): serving without "
-                "authentication, bound to %s only", host
+                "authentication, bound to %s only",
+                host,
             )
         else:
             logger.warning(
                 "no API keys configured: serving WITHOUT authentication on %s, as asked; anyone "
-                "who can reach this address can use every model", host
+                "who can reach this address can use every model",
+                host,
             )
     logger.info("serving %d models from the registry on http://%s:%d", len(registry), host, settings.port)
     # On SIGTERM uvicorn stops accepting connections, gives running requests
@@ -165,11 +181,11 @@ def check(settings: Settings) -> int:
 def models(settings: Settings) -> int:
     """Print the registered models as a table, with whether their weights are here."""
     registry = load_registry(settings.registry_files)
-    rows = [("ID", "SOURCE", "ARCHITECTURE", "ENGINE", "CONTEXT", "GPUS", "LOCAL")]
+    rows: list[tuple[str, ...]] = [("ID", "SOURCE", "ARCHITECTURE", "ENGINE", "CONTEXT", "GPUS", "LOCAL")]
     rows += [_model_row(registered, registry, settings.home) for registered in registry]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
@@ -239,9 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"v4serve: invalid setting: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
             return serve(settings)

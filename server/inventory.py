@@ -41,8 +41,7 @@ def serving_entry(registered: RegisteredModel, registry: Registry) -> ModelEntry
 def weights_present(registered: RegisteredModel, registry: Registry, home: Path) -> bool:
     """Whether every source the model reads is on this machine, without fetching any."""
     return all(
-        is_present(weights.source, home, revision=weights.revision)
-        for weights in weight_sources(registered, registry)
+        is_present(weights.source, home, revision=weights.revision) for weights in weight_sources(registered, registry)
     )
 
 

@@ -48,9 +48,7 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(default=32 << 20, gt=0)
     # Images for vision models (server.service.images): deny by default, see ImagePolicy.
-    image_fetch_timeout: float = Field(
-        default=10.0, gt=0, description="Seconds to fetch all of one request's images."
-    )
+    image_fetch_timeout: float = Field(default=10.0, gt=0, description="Seconds to fetch all of one request's images.")
     image_max_bytes: int = Field(default=20 << 20, gt=0)
     image_max_pixels: int = Field(
         default=40_000_000, gt=0, description="Width x height, checked before any pixel is decoded."

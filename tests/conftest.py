@@ -7,6 +7,7 @@ cache under the repository (they are deterministic, so reusing them across runs 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -67,14 +68,10 @@ class RunningServer:
         """SIGTERM as an operator would, then make sure no process of the group is left."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         return self.process.wait()
 
 

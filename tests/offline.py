@@ -40,9 +40,7 @@ def run_cli(args: Sequence[str], env: dict[str, str], timeout: float = 240) -> R
 
 def run_python(args: Sequence[str], env: dict[str, str], timeout: float = 240) -> Result:
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return Result(done.returncode, done.stdout, done.stderr, time.monotonic() - started)
 
 

@@ -77,7 +77,11 @@ def _serve_with(tmp_path, registry_text: str) -> subprocess.CompletedProcess[str
     bad.write_text(registry_text)
     return subprocess.run(
         [sys.executable, "-m", "server", "serve", "--port", "0", "--registry", str(bad)],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -98,7 +102,11 @@ def test_bad_registry_value_fails_start_up(tmp_path) -> None:
 def test_preload_of_unknown_model_fails_start_up(tmp_path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "server", "serve", "--port", "0", "--preload", "nope"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 2
     assert "--preload nope" in result.stderr
@@ -129,8 +137,16 @@ def _serve_with_keys(tmp_path, env_keys: str | None = None, keys_file: str | Non
         (None, "two words:ops\n", "keys.txt line 1: API keys must be printable ASCII without spaces"),
         ("same:team-a", "same:team-b\n", "the same key as V4SERVE_API_KEYS item 1"),
     ],
-    ids=["env-empty-key", "env-empty-second", "env-no-keys", "file-no-keys", "file-empty-key",
-         "file-non-ascii", "file-space", "same-key-two-accounts"],
+    ids=[
+        "env-empty-key",
+        "env-empty-second",
+        "env-no-keys",
+        "file-no-keys",
+        "file-empty-key",
+        "file-non-ascii",
+        "file-space",
+        "same-key-two-accounts",
+    ],
 )
 def test_unusable_keys_refuse_start_up(tmp_path, env_keys, keys_file, says: str) -> None:
     result = _serve_with_keys(tmp_path, env_keys, keys_file)

@@ -79,9 +79,7 @@ def test_greedy_is_deterministic_and_streaming_matches(client: SGPClient) -> Non
 
 
 def test_stream_events_carry_usage_only_at_the_end(client: SGPClient) -> None:
-    _, chunks = stream_text(
-        client, model="tiny-llama", prompt=PROMPT, model_parameters={**GREEDY, "max_tokens": 15}
-    )
+    _, chunks = stream_text(client, model="tiny-llama", prompt=PROMPT, model_parameters={**GREEDY, "max_tokens": 15})
     *middle, last = chunks
     assert all(c["token_usage"] is None and c["completion"]["finish_reason"] is None for c in middle)
     assert last["completion"]["finish_reason"] in {"stop", "length"}
@@ -135,9 +133,7 @@ def test_sampling_parameters_are_accepted(client: SGPClient) -> None:
 def test_top_k_one_is_greedy(client: SGPClient) -> None:
     # With top_k=1 only the most likely token can be sampled, whatever the temperature:
     # proof that top_k reaches the engine.
-    greedy = client.completions.create(
-        model="tiny-llama", prompt=PROMPT, model_parameters={**GREEDY, "max_tokens": 20}
-    )
+    greedy = client.completions.create(model="tiny-llama", prompt=PROMPT, model_parameters={**GREEDY, "max_tokens": 20})
     top1 = client.completions.create(
         model="tiny-llama", prompt=PROMPT, model_parameters={"temperature": 1.0, "top_k": 1, "max_tokens": 20}
     )
@@ -146,10 +142,15 @@ def test_top_k_one_is_greedy(client: SGPClient) -> None:
 
 def test_wire_alias_topK_is_accepted(server: RunningServer) -> None:
     with server.client() as http:
-        body = {"model": "tiny-llama", "prompt": PROMPT, "model_parameters": {"temperature": 1.0, "topK": 1, "max_tokens": 20}}
+        body = {
+            "model": "tiny-llama",
+            "prompt": PROMPT,
+            "model_parameters": {"temperature": 1.0, "topK": 1, "max_tokens": 20},
+        }
         greedy = {"model": "tiny-llama", "prompt": PROMPT, "model_parameters": {"temperature": 0, "max_tokens": 20}}
-        assert http.post("/v4/completions", json=body).json()["completion"]["text"] == (
-            http.post("/v4/completions", json=greedy).json()["completion"]["text"]
+        assert (
+            http.post("/v4/completions", json=body).json()["completion"]["text"]
+            == (http.post("/v4/completions", json=greedy).json()["completion"]["text"])
         )
 
 

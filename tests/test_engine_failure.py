@@ -79,11 +79,16 @@ def test_engine_killed_mid_stream(server: RunningServer) -> None:
     assert len(cores) == 2
     victim = cores[-1]
 
-    body = {"model": "tiny-a", "prompt": "Hello", "stream": True,  # greedy: the full 2,000 tokens
-            "model_parameters": {"temperature": 0, "max_tokens": 2000, "stop_sequences": ["never-xyz"]}}
+    body = {
+        "model": "tiny-a",
+        "prompt": "Hello",
+        "stream": True,  # greedy: the full 2,000 tokens
+        "model_parameters": {"temperature": 0, "max_tokens": 2000, "stop_sequences": ["never-xyz"]},
+    }
     lines: list[str] = []
-    with httpx.stream("POST", server.base_url + "/v4/completions", json=body,
-                      headers={"x-api-key": API_KEY}, timeout=60) as response:
+    with httpx.stream(
+        "POST", server.base_url + "/v4/completions", json=body, headers={"x-api-key": API_KEY}, timeout=60
+    ) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             lines.append(line)

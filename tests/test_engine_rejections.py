@@ -18,7 +18,7 @@ import pytest
 
 from server.errors import EngineError
 from server.pool import EnginePool
-from server.protocol import CompletionRequest, ModelParameters
+from server.protocol.v4 import CompletionRequest, ModelParameters
 from server.registry import load_registry
 from server.service import CompletionService, ImagePolicy
 from server.settings import Settings
@@ -31,7 +31,11 @@ REFUSED = [
     pytest.param({"model_parameters": {"top_k": 2**64}}, "model_parameters.top_k", id="top_k-past-64-bits"),
     pytest.param({"model_parameters": {"top_k": 2**31}}, "model_parameters.top_k", id="top_k-past-int32"),
     pytest.param({"model_parameters": {"max_tokens": 2**64}}, "model_parameters.max_tokens", id="huge-max_tokens"),
-    pytest.param({"model_parameters": {"stop_sequences": ["\ud800"]}}, "model_parameters.stop_sequences.0", id="lone-surrogate-stop"),
+    pytest.param(
+        {"model_parameters": {"stop_sequences": ["\ud800"]}},
+        "model_parameters.stop_sequences.0",
+        id="lone-surrogate-stop",
+    ),
     pytest.param({"account_id": "\udfff"}, "account_id", id="lone-surrogate-account"),
 ]
 
@@ -52,7 +56,11 @@ def test_values_the_engine_cannot_take_are_422_naming_the_field(
 
 
 def test_largest_accepted_top_k_is_served(server: RunningServer) -> None:
-    body = {"model": MODEL, "prompt": "Hello", "model_parameters": {"temperature": 1, "top_k": 2**31 - 1, "max_tokens": 3}}
+    body = {
+        "model": MODEL,
+        "prompt": "Hello",
+        "model_parameters": {"temperature": 1, "top_k": 2**31 - 1, "max_tokens": 3},
+    }
     with server.client() as http:
         response = http.post("/v4/completions", json=body)
     assert response.status_code == 200, response.text
@@ -79,8 +87,14 @@ def test_a_request_the_engine_fails_after_hand_over_is_aborted_there(tmp_path: P
                 images=None,
                 stream=False,
                 model_parameters=ModelParameters.model_construct(
-                    temperature=1.0, max_tokens=5, stop_sequences=None, top_k=2**64, top_p=None,
-                    presence_penalty=None, frequency_penalty=None, reasoning_effort=None,
+                    temperature=1.0,
+                    max_tokens=5,
+                    stop_sequences=None,
+                    top_k=2**64,
+                    top_p=None,
+                    presence_penalty=None,
+                    frequency_penalty=None,
+                    reasoning_effort=None,
                 ),
             )
             pending = await service.prepare(bad)

@@ -104,11 +104,7 @@ def _response_to_incomplete_request(base_url: str, head: bytes, first_body: byte
     ids=["chunked", "declared-length"],
 )
 def test_no_key_is_refused_while_the_body_is_still_coming(edge_server: RunningServer, framing: bytes) -> None:
-    head = (
-        b"POST /v4/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        + framing
-        + b"\r\n"
-    )
+    head = b"POST /v4/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n" + framing + b"\r\n"
     piece = b'{"model": "tiny-llama", "prompt": "' + b"a" * 1000
     first_body = b"%x\r\n%s\r\n" % (len(piece), piece) if b"chunked" in framing else piece
     status, body = _response_to_incomplete_request(edge_server.base_url, head, first_body)
@@ -146,7 +142,9 @@ def test_chunked_body_over_the_limit_is_413(edge_server: RunningServer) -> None:
         error = assert_error(response, 413, "payload_too_large")
         assert str(MAX_BODY) in error["message"]
         # A chunked body under the limit is read and parsed as usual: it reaches the model lookup.
-        small = http.post("/v4/completions", content=_chunks(MAX_BODY // 2), headers={"content-type": "application/json"})
+        small = http.post(
+            "/v4/completions", content=_chunks(MAX_BODY // 2), headers={"content-type": "application/json"}
+        )
         assert_error(small, 404, "model_not_found")
 
 
@@ -189,10 +187,18 @@ def test_unhandled_error_is_a_generic_500_and_its_path_is_logged_escaped(
     app.add_api_route("/fail/{anything}", fail)
     path = "/fail/x\x1b[2K\nFORGED"
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-        "scheme": "http", "path": path, "raw_path": b"/fail/x%1B[2K%0AFORGED", "query_string": b"",
-        "root_path": "", "headers": [(b"x-api-key", API_KEY.encode())],
-        "server": ("test", 80), "client": ("127.0.0.1", 1),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": b"/fail/x%1B[2K%0AFORGED",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"x-api-key", API_KEY.encode())],
+        "server": ("test", 80),
+        "client": ("127.0.0.1", 1),
     }
     sent: list[dict] = []
 

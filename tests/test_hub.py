@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.offline import cached_snapshot, offline_env, run_cli, run_python
 from tests.conftest import start_server
+from tests.offline import cached_snapshot, offline_env, run_cli, run_python
 
 FAST = 30.0
 

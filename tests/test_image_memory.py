@@ -25,7 +25,7 @@ from PIL import Image as PILImage
 from server.engines.base import AdapterRef, LaunchOptions, PreparedRequest, SamplingOptions
 from server.errors import InvalidRequestError, OverloadedError, PayloadTooLargeError
 from server.pool import EnginePool
-from server.protocol import CompletionRequest
+from server.protocol.v4 import CompletionRequest
 from server.registry import ModelEntry, RegisteredModel, Registry, VisionSettings
 from server.service import CompletionService, ImagePolicy
 from server.service.images import decode_images, read_images

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import io
 import logging
@@ -32,7 +33,7 @@ import pytest
 from PIL import Image as PILImage
 
 from server.errors import InvalidRequestError, PayloadTooLargeError, ServingError
-from server.protocol import Image
+from server.protocol.v4 import Image
 from server.service.images import ImagePolicy, Resolver, decode_images, read_images, system_resolve
 from server.service.images.guard import LOOKUP_THREADS, checked_address, refusal_reason
 from server.settings import Settings
@@ -182,10 +183,8 @@ class LoopbackProbe:
     def __init__(self) -> None:
         self.sockets = [socket.create_server(("127.0.0.1", 0))]
         self.port = self.sockets[0].getsockname()[1]
-        try:
+        with contextlib.suppress(OSError):  # no IPv6 loopback here; the [::1] cases skip
             self.sockets.append(socket.create_server(("::1", self.port), family=socket.AF_INET6))
-        except OSError:
-            pass  # no IPv6 loopback here; the [::1] cases skip
         for sock in self.sockets:
             sock.setblocking(False)
 
@@ -257,8 +256,13 @@ async def test_http_and_data_images_load_concurrently(web: ImageServer) -> None:
 
 @pytest.mark.parametrize(
     ("fmt", "mode", "media_type"),
-    [("PNG", "RGBA", "image/png"), ("JPEG", "L", "image/jpeg"), ("GIF", "P", "image/gif"),
-     ("WEBP", "RGB", "image/webp"), ("BMP", "RGB", "image/bmp")],
+    [
+        ("PNG", "RGBA", "image/png"),
+        ("JPEG", "L", "image/jpeg"),
+        ("GIF", "P", "image/gif"),
+        ("WEBP", "RGB", "image/webp"),
+        ("BMP", "RGB", "image/bmp"),
+    ],
 )
 async def test_allowed_formats_decode_to_rgb(fmt: str, mode: str, media_type: str) -> None:
     [image] = await load([data_uri(encode(PILImage.new(mode, (8, 4)), fmt), media_type)])
@@ -343,8 +347,15 @@ def _self_signed(name: str) -> tuple[bytes, bytes]:
 # --- the address guard --------------------------------------------------------------------
 
 LOOPBACK_SPELLINGS = [
-    "127.0.0.1", "localhost", "127.1", "2130706433", "0x7f000001", "0x7f.1", "017700000001",
-    "[::ffff:127.0.0.1]", "[::1]",
+    "127.0.0.1",
+    "localhost",
+    "127.1",
+    "2130706433",
+    "0x7f000001",
+    "0x7f.1",
+    "017700000001",
+    "[::ffff:127.0.0.1]",
+    "[::1]",
 ]
 
 

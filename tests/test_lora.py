@@ -55,9 +55,7 @@ def tokenizer(lora_server: RunningServer):
 
 def complete(client: SGPClient, model: str, **params) -> tuple[str, dict]:
     """Greedy completion of ``PROMPT``: its text and token usage."""
-    response = client.completions.create(
-        model=model, prompt=PROMPT, model_parameters={**GREEDY, **params}
-    ).model_dump()
+    response = client.completions.create(model=model, prompt=PROMPT, model_parameters={**GREEDY, **params}).model_dump()
     return response["completion"]["text"], response["token_usage"]
 
 
@@ -113,9 +111,7 @@ def test_adapter_changes_the_output(client: SGPClient) -> None:
     assert adapted != base
 
 
-def test_adapter_entry_keeps_its_own_prompt_format_and_default_max_tokens(
-    client: SGPClient, tokenizer
-) -> None:
+def test_adapter_entry_keeps_its_own_prompt_format_and_default_max_tokens(client: SGPClient, tokenizer) -> None:
     # tiny-lora-chat: prompt_format chat and default_max_tokens 12, with the base's tokenizer.
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
@@ -139,9 +135,7 @@ def test_streaming_matches_non_streaming(client: SGPClient) -> None:
     assert chunks[-1]["token_usage"] == usage
 
 
-def test_one_engine_serves_the_base_and_its_adapters(
-    client: SGPClient, lora_server: RunningServer
-) -> None:
+def test_one_engine_serves_the_base_and_its_adapters(client: SGPClient, lora_server: RunningServer) -> None:
     for model in ("tiny-llama", "tiny-lora", "tiny-lora-chat"):
         complete(client, model, max_tokens=4)
     with lora_server.client() as http:
@@ -162,9 +156,7 @@ def test_one_engine_serves_the_base_and_its_adapters(
     assert "model tiny-llama serves LoRA adapters tiny-lora, tiny-lora-chat" in log
 
 
-def test_an_adapter_that_cannot_load_leaves_its_base_serving(
-    client: SGPClient, lora_server: RunningServer
-) -> None:
+def test_an_adapter_that_cannot_load_leaves_its_base_serving(client: SGPClient, lora_server: RunningServer) -> None:
     with lora_server.client() as http:
         response = http.post("/v4/completions", json={"model": "tiny-lora-missing", "prompt": PROMPT})
         models = {m["id"]: m for m in http.get("/v4/models").json()["models"]}

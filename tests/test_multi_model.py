@@ -51,7 +51,9 @@ def loads_of(server: RunningServer, model: str) -> int:
 def test_concurrent_first_requests_cause_one_load(pool_server: RunningServer) -> None:
     assert states(pool_server)["tiny-b"]["state"] == "not_loaded"
     results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(complete(pool_server, "tiny-b").status_code)) for _ in range(6)]
+    threads = [
+        threading.Thread(target=lambda: results.append(complete(pool_server, "tiny-b").status_code)) for _ in range(6)
+    ]
     for thread in threads:
         thread.start()
     time.sleep(1)
@@ -109,9 +111,12 @@ async def test_requests_past_the_queue_limit_get_429_with_retry_after(pool_serve
     assert complete(pool_server, "tiny-a").status_code == 200
 
     async with httpx.AsyncClient(
-        base_url=pool_server.base_url, headers={"x-api-key": API_KEY}, timeout=300,
+        base_url=pool_server.base_url,
+        headers={"x-api-key": API_KEY},
+        timeout=300,
         limits=httpx.Limits(max_connections=10),
     ) as http:
+
         async def send(model: str, params: dict) -> httpx.Response:
             body = {"model": model, "prompt": "Hello", "model_parameters": params}
             return await http.post("/v4/completions", json=body)

@@ -57,10 +57,14 @@ class StandInGpuEngine(Engine):
         self.calls.append("wake_up")
 
 
-def make_pool(entries: dict[str, dict], devices: list[Device], *, sleep_mode: bool, tmp_path) -> tuple[EnginePool, dict]:
+def make_pool(
+    entries: dict[str, dict], devices: list[Device], *, sleep_mode: bool, tmp_path
+) -> tuple[EnginePool, dict]:
     started: dict[str, StandInGpuEngine] = {}
 
-    async def start(model_id: str, entry: ModelEntry, weights: str, adapters: Sequence[AdapterRef], launch: LaunchOptions):
+    async def start(
+        model_id: str, entry: ModelEntry, weights: str, adapters: Sequence[AdapterRef], launch: LaunchOptions
+    ):
         started[model_id] = StandInGpuEngine(model_id, launch)
         return started[model_id]
 
@@ -72,8 +76,7 @@ def make_pool(entries: dict[str, dict], devices: list[Device], *, sleep_mode: bo
             for model_id, fields in entries.items()
         }
     )
-    pool = EnginePool(registry, home=tmp_path, devices=devices, sleep_mode=sleep_mode,
-                      starters={"vllm": start})
+    pool = EnginePool(registry, home=tmp_path, devices=devices, sleep_mode=sleep_mode, starters={"vllm": start})
     return pool, started
 
 
@@ -85,9 +88,14 @@ async def use(pool: EnginePool, model: str) -> None:
 async def test_tensor_parallel_models_get_their_own_gpus_and_shares_add_up(tmp_path) -> None:
     gpus = [Device(i, 72 * GiB, 80 * GiB) for i in range(4)]
     pool, started = make_pool(
-        {"big": {"memory": "140GiB", "tensor_parallel_size": 2},
-         "small-1": {"memory": "30GiB"}, "small-2": {"memory": "30GiB"}},
-        gpus, sleep_mode=False, tmp_path=tmp_path,
+        {
+            "big": {"memory": "140GiB", "tensor_parallel_size": 2},
+            "small-1": {"memory": "30GiB"},
+            "small-2": {"memory": "30GiB"},
+        },
+        gpus,
+        sleep_mode=False,
+        tmp_path=tmp_path,
     )
     for model in ("small-1", "small-2", "big"):
         await use(pool, model)
@@ -100,7 +108,9 @@ async def test_tensor_parallel_models_get_their_own_gpus_and_shares_add_up(tmp_p
 
 async def test_sleep_mode_parks_the_idle_model_and_wakes_it_on_the_same_gpu(tmp_path) -> None:
     gpu = [Device(0, 72 * GiB, 80 * GiB)]
-    pool, started = make_pool({"a": {"memory": "40GiB"}, "b": {"memory": "40GiB"}}, gpu, sleep_mode=True, tmp_path=tmp_path)
+    pool, started = make_pool(
+        {"a": {"memory": "40GiB"}, "b": {"memory": "40GiB"}}, gpu, sleep_mode=True, tmp_path=tmp_path
+    )
     await use(pool, "a")
     await use(pool, "b")  # does not fit beside a: a sleeps instead of unloading
     states = {s.model_id: s.state.value for s in pool.status()}
@@ -117,7 +127,9 @@ async def test_sleep_mode_parks_the_idle_model_and_wakes_it_on_the_same_gpu(tmp_
 
 async def test_without_sleep_mode_the_idle_model_is_unloaded(tmp_path) -> None:
     gpu = [Device(0, 72 * GiB, 80 * GiB)]
-    pool, started = make_pool({"a": {"memory": "40GiB"}, "b": {"memory": "40GiB"}}, gpu, sleep_mode=False, tmp_path=tmp_path)
+    pool, started = make_pool(
+        {"a": {"memory": "40GiB"}, "b": {"memory": "40GiB"}}, gpu, sleep_mode=False, tmp_path=tmp_path
+    )
     await use(pool, "a")
     await use(pool, "b")
     assert started["a"].calls == ["shutdown"]

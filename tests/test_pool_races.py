@@ -25,7 +25,8 @@ import pytest
 
 from server.engines.base import AdapterRef, LaunchOptions
 from server.errors import UnavailableError
-from server.pool import EnginePool, ModelStatus, pool as pool_module
+from server.pool import EnginePool, ModelStatus
+from server.pool import pool as pool_module
 from server.pool.placement import Device
 from server.registry import ModelEntry, RegisteredModel, Registry
 from tests.test_pool_gpu_paths import StandInGpuEngine
@@ -106,8 +107,12 @@ class Scene:
             }
         )
         self.pool = EnginePool(
-            registry, home=tmp_path, devices=ONE_GPU, sleep_mode=sleep_mode,
-            starters={"vllm": self._start}, clock=self.clock,
+            registry,
+            home=tmp_path,
+            devices=ONE_GPU,
+            sleep_mode=sleep_mode,
+            starters={"vllm": self._start},
+            clock=self.clock,
         )
 
     async def _start(

@@ -57,9 +57,7 @@ models:
         return found[0]
 
     assert "does not run 'NoSuchModelForCausalLM'" in line_for("made-up", "architecture")
-    assert "2 does not divide the model's 71 attention heads" in line_for(
-        "falcon-on-two", "tensor_parallel_size"
-    )
+    assert "2 does not divide the model's 71 attention heads" in line_for("falcon-on-two", "tensor_parallel_size")
     # vLLM dropped MPT; transformers still has it, and the line says what to change.
     assert "set engine: transformers" in line_for("mpt-on-vllm", "architecture")
     assert "3 error(s)" in lines[-1]

@@ -9,7 +9,6 @@ and afterwards no request is left running in the engine.
 from __future__ import annotations
 
 import httpx
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
@@ -49,7 +48,9 @@ def test_no_input_makes_the_server_fail_or_leak(server: RunningServer) -> None:
     operations = [result.ok() for result in load_schema(server).get_all_operations()]
     assert any(op.path == "/v4/completions" for op in operations)
     # A route without inputs has no invalid variant to generate.
-    runs = [(op, mode) for op in operations for mode in GenerationMode if op.method == "post" or mode.value == "positive"]
+    runs = [
+        (op, mode) for op in operations for mode in GenerationMode if op.method == "post" or mode.value == "positive"
+    ]
     for operation, mode in runs:
 
         @given(case=operation.as_strategy(generation_mode=mode))

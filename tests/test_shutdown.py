@@ -17,13 +17,18 @@ from tests.conftest import API_KEY, RunningServer, start_server
 def stream_in_background(server: RunningServer, max_tokens: int) -> tuple[threading.Thread, dict]:
     outcome: dict = {"lines": []}
     # Greedy "Hello" never reaches end of sequence within 2,000 tokens on the tiny model.
-    body = {"model": "tiny-llama", "prompt": "Hello", "stream": True,
-            "model_parameters": {"temperature": 0, "max_tokens": max_tokens, "stop_sequences": ["never-xyz"]}}
+    body = {
+        "model": "tiny-llama",
+        "prompt": "Hello",
+        "stream": True,
+        "model_parameters": {"temperature": 0, "max_tokens": max_tokens, "stop_sequences": ["never-xyz"]},
+    }
 
     def run() -> None:
         try:
-            with httpx.stream("POST", server.base_url + "/v4/completions", json=body,
-                              headers={"x-api-key": API_KEY}, timeout=120) as response:
+            with httpx.stream(
+                "POST", server.base_url + "/v4/completions", json=body, headers={"x-api-key": API_KEY}, timeout=120
+            ) as response:
                 for line in response.iter_lines():
                     outcome["lines"].append(line)
         except httpx.HTTPError as exc:

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from server.engines._causal_batch import CausalBatch
-from server.registry.engine_kinds import DECODER_ONLY_MODELS
 from server.registry import ModelEntry, load_registry
 from server.registry.check import check_registry
+from server.registry.engine_kinds import DECODER_ONLY_MODELS
 from server.weights.tiny import ensure_builtin
 from tests.conftest import TEST_HOME
 
@@ -75,7 +75,7 @@ def decode_continuously(model: Any, requests: list[Request]) -> None:
 
 def _take(batch: CausalBatch, rows: list[Request], logits: torch.Tensor, first: int = 0) -> None:
     """Append each row's greedy token (rows from ``first`` on); finished rows leave."""
-    for request, token in zip(rows[first:], logits.argmax(dim=-1).tolist()):
+    for request, token in zip(rows[first:], logits.argmax(dim=-1).tolist(), strict=True):
         request.tokens.append(token)
     staying = [row for row, request in enumerate(rows) if len(request.tokens) < request.tokens_wanted]
     if len(staying) < len(rows):

@@ -12,6 +12,7 @@ decoder-only batching is in test_transformers_causal.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -124,7 +125,7 @@ def test_streamed_pieces_make_the_non_streamed_text(client: SGPClient, served: S
 
 @pytest.mark.parametrize("served", ["tiny-t5"], indirect=True)
 def test_eos_ends_the_completion_with_stop(client: SGPClient, served: Served) -> None:
-    text, finish, usage = complete(client, served, EOS_PROMPT, max_tokens=50)
+    _text, finish, usage = complete(client, served, EOS_PROMPT, max_tokens=50)
     assert finish == "stop"
     assert usage["completion"] < 50  # the EOS token is counted, as vLLM counts it
 
@@ -194,7 +195,7 @@ def test_concurrent_requests_share_decoder_steps(client: SGPClient, served: Serv
         return [r.completion.text for r in responses]
 
     # Batched rows are padded and masked: each still decodes exactly as it did alone.
-    assert dict(zip(prompts, asyncio.run(together()))) == alone
+    assert dict(zip(prompts, asyncio.run(together()), strict=True)) == alone
     # The engine logs each new high of sequences decoded in one step.
     peaks = re.findall(rf"model {served.model}: (\d+) sequences in one step", served.server.log())
     assert max(map(int, peaks)) == len(prompts)
@@ -215,7 +216,7 @@ def test_client_disconnect_stops_generation(served: Served) -> None:
             assert response.status_code == 200
             # Held in a name: a dropped line iterator closes the connection when collected.
             events = response.iter_lines()
-            received = [line for _, line in zip(range(6), events)]
+            received = list(itertools.islice(events, 6))
             assert any(line.startswith("data: ") for line in received)
             assert server.running_requests(model) == 1
     assert server.wait_for_running(model, lambda n: n == 0, 5) < 5

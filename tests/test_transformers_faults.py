@@ -91,7 +91,10 @@ def forward(model: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Forward]:
 
 async def start(model: str) -> TransformersEngine:
     entry = ModelEntry(
-        source=f"builtin:{model}", engine="transformers", dtype="float32", max_model_len=512,
+        source=f"builtin:{model}",
+        engine="transformers",
+        dtype="float32",
+        max_model_len=512,
         engine_args={"max_batch_size": 8},
     )
     return await TransformersEngine.start(model, entry, str(ensure_builtin(model, TEST_HOME)))

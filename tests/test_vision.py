@@ -195,15 +195,24 @@ REFUSALS: dict[str, Callable[[ImageServer, LoopbackProbe], Refusal]] = {
         "'localhost' is not among the domains",
     ),
     "oversize body": lambda web, _: (
-        images(web.url("/stream/200000")), 413, "images[0].image_url", f"limit of {MAX_BYTES} bytes"
+        images(web.url("/stream/200000")),
+        413,
+        "images[0].image_url",
+        f"limit of {MAX_BYTES} bytes",
     ),
     "too many pixels": lambda web, _: (images(web.url("/img/huge.png")), 413, "images[0].image_url", "1200x1000"),
     "not an image": lambda web, _: (images(web.url("/img/notes.txt")), 400, "images[0].image_url", "not a PNG"),
     "broken image": lambda web, _: (
-        images(data_uri(RED), web.url("/img/broken.png")), 400, "images[1].image_url", "broken or truncated"
+        images(data_uri(RED), web.url("/img/broken.png")),
+        400,
+        "images[1].image_url",
+        "broken or truncated",
     ),
     "too many images": lambda web, _: (
-        images(*[data_uri(RED)] * (MAX_IMAGES + 1)), 400, "images", f"at most {MAX_IMAGES} image(s)"
+        images(*[data_uri(RED)] * (MAX_IMAGES + 1)),
+        400,
+        "images",
+        f"at most {MAX_IMAGES} image(s)",
     ),
     "slow server": lambda web, _: (images(web.url("/slow")), 400, "images", f"{FETCH_TIMEOUT:g} s limit"),
     "placeholders and images differ": lambda web, _: (
@@ -213,13 +222,22 @@ REFUSALS: dict[str, Callable[[ImageServer, LoopbackProbe], Refusal]] = {
         "holds 2 image placeholder(s) (<image>) but 1 image(s)",
     ),
     "images for a text model": lambda web, _: (
-        {"model": "tiny-llama", **images(data_uri(RED))}, 400, "images", "does not accept images"
+        {"model": "tiny-llama", **images(data_uri(RED))},
+        400,
+        "images",
+        "does not accept images",
     ),
     "NUL in a file: URL": lambda web, _: (
-        images("file:///red%00.png"), 400, "images[0].image_url", "must not hold a NUL character"
+        images("file:///red%00.png"),
+        400,
+        "images[0].image_url",
+        "must not hold a NUL character",
     ),
     "raw NUL in a file: URL": lambda web, _: (
-        images("file:///red\0.png"), 400, "images[0].image_url", "must not hold a NUL character"
+        images("file:///red\0.png"),
+        400,
+        "images[0].image_url",
+        "must not hold a NUL character",
     ),
 }
 
@@ -290,9 +308,7 @@ def test_default_settings_refuse_loopback_without_connecting_or_loading(
     assert models[MODEL]["state"] == "not_loaded"
 
 
-@pytest.mark.parametrize(
-    "host", ["a..example", "a" * 64 + ".example"], ids=["empty-label", "label-over-63"]
-)
+@pytest.mark.parametrize("host", ["a..example", "a" * 64 + ".example"], ids=["empty-label", "label-over-63"])
 def test_host_names_the_resolver_cannot_encode_are_400(default_server: RunningServer, host: str) -> None:
     response, models = post_images(default_server, f"http://{host}/x.png")
     assert response.status_code == 400, response.text

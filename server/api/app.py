@@ -74,4 +74,3 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyAuth, keys=keys)
     return app
-

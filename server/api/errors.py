@@ -15,15 +15,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import ServingError
-from server.protocol import ErrorDetail, ErrorResponse
+from server.protocol.v4 import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
 
 def error_body(message: str, error_type: str, status: int, param: str | None = None) -> dict[str, Any]:
-    return ErrorResponse(
-        error=ErrorDetail(message=message, type=error_type, param=param, code=status)
-    ).model_dump()
+    return ErrorResponse(error=ErrorDetail(message=message, type=error_type, param=param, code=status)).model_dump()
 
 
 def serving_error_body(exc: ServingError) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_response
@@ -60,9 +62,7 @@ class BodySizeLimit:
                     raise _BodyTooLarge
             return message
 
-        try:
+        # On _BodyTooLarge: answered 413 above; or the app had already begun its answer,
+        # which is then cut short (the server closes a response left incomplete).
+        with contextlib.suppress(_BodyTooLarge):
             await self.app(scope, counting_receive, guarded_send)
-        except _BodyTooLarge:
-            # Answered 413 above; or the app had already begun its answer, which is then
-            # cut short (the server closes a response left incomplete).
-            pass

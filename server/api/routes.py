@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from server.api.auth import Caller, current_caller
 from server.api.streaming import EventStreamResponse, cancel_on_disconnect, sse_events
-from server.protocol import CompletionRequest, CompletionResponse
+from server.protocol.v4 import CompletionRequest, CompletionResponse
 from server.weights import BUILTIN_PREFIX, local_dir
 
 router = APIRouter()

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -34,6 +35,9 @@ from server.engines._sampling import next_tokens
 from server.engines._stop_sequences import StopSequenceFilter
 from server.engines.base import GenerationDelta, SamplingOptions
 from server.errors import EngineError, ServingError, UnavailableError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +50,8 @@ class Batch(Protocol):
     def step(self, tokens: Sequence[int]) -> torch.Tensor:
         """Feed each row its newest token; returns the logits for the token after it."""
 
-    def extend(self, other: Batch) -> None:
-        """Append ``other``'s rows after this batch's."""
+    def extend(self, other: Self) -> None:
+        """Append ``other``'s rows (a batch of the same kind) after this batch's."""
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows``."""
@@ -249,7 +253,7 @@ class BatchWorker:
         """Give each job its next token and send what it produced; returns the rows still going."""
         outcomes: list[tuple[Job, Outcome]] = []
         staying = []
-        for row, (job, token) in enumerate(zip(jobs, tokens)):
+        for row, (job, token) in enumerate(zip(jobs, tokens, strict=True)):
             delta = job.advance(token, self._eos_token_ids)
             if delta is not None:
                 outcomes.append((job, delta))
@@ -264,7 +268,7 @@ class BatchWorker:
         """Retire cancelled jobs, each with an "abort" delta; returns the rows still wanted."""
         # One reading of the flags: the event loop may set more while this runs.
         cancelled = [job.cancelled for job in jobs]
-        dropped = [job for job, flag in zip(jobs, cancelled) if flag]
+        dropped = [job for job, flag in zip(jobs, cancelled, strict=True) if flag]
         for job in dropped:
             self._retire(job)
         _send([(job, job.aborted()) for job in dropped])
@@ -310,10 +314,8 @@ def _send(outcomes: Sequence[tuple[Job, Outcome]]) -> None:
     for job, outcome in outcomes:
         by_loop.setdefault(job.loop, []).append((job, outcome))
     for loop, items in by_loop.items():
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for these any more
             loop.call_soon_threadsafe(_deliver, items)
-        except RuntimeError:
-            pass  # the loop has closed: nobody is waiting for these any more
 
 
 def _deliver(items: Sequence[tuple[Job, Outcome]]) -> None:

@@ -51,7 +51,7 @@ class CausalBatch:
         """Run sequences' prompts, each followed by the tokens it already ``decoded`` (when a
         sequence is rebuilt after a failed step); returns their batch and the logits of each
         one's next token."""
-        sequences = [[*prompt, *tokens] for prompt, tokens in zip(prompts, decoded or [()] * len(prompts))]
+        sequences = [[*prompt, *tokens] for prompt, tokens in zip(prompts, decoded or [()] * len(prompts), strict=True)]
         input_ids, mask = pad_prompts(sequences, pad_token_id, model.device, left=True)
         # Padding gets position 0 too: it is masked, and the models' tables start there.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -93,10 +93,10 @@ class CausalBatch:
 def _optional(model: Any, **arguments: Any) -> dict[str, Any]:
     """The arguments the model's ``forward`` names (MPT's takes no ``position_ids``:
     ALiBi needs none)."""
-    accepted = _forward_parameters(type(model))
+    accepted = _forward_parameters(model.__class__)
     return {name: value for name, value in arguments.items() if name in accepted}
 
 
 @functools.cache
-def _forward_parameters(model_class: type) -> frozenset[str]:
+def _forward_parameters(model_class: Any) -> frozenset[str]:
     return frozenset(inspect.signature(model_class.forward).parameters)

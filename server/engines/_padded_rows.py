@@ -41,7 +41,7 @@ def join(mine: Any, theirs: Any, my_mask: torch.Tensor, their_mask: torch.Tensor
     Both are padded to the wider of the two first, on the side the batch pads.
     """
     width = max(my_mask.shape[1], their_mask.shape[1])
-    for layer, their_layer in zip(mine.layers, theirs.layers):
+    for layer, their_layer in zip(mine.layers, theirs.layers, strict=True):
         layer.keys = _stack(layer.keys, their_layer.keys, width, dim=2, left=left)
         layer.values = _stack(layer.values, their_layer.values, width, dim=2, left=left)
     return _stack(my_mask, their_mask, width, dim=1, left=left)

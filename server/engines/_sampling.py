@@ -29,18 +29,17 @@ def next_tokens(
     if sampled:
         rows = torch.tensor(sampled, device=logits.device)
         chosen[rows] = _sample(logits[rows], [options[row] for row in sampled])
-    return chosen.tolist()
+    tokens: list[int] = chosen.tolist()
+    return tokens
 
 
 def _apply_penalties(
     logits: torch.Tensor, options: Sequence[SamplingOptions], generated: Sequence[Sequence[int]]
 ) -> None:
-    for row, (option, tokens) in enumerate(zip(options, generated)):
+    for row, (option, tokens) in enumerate(zip(options, generated, strict=True)):
         if not tokens or not (option.presence_penalty or option.frequency_penalty):
             continue
-        counts = torch.bincount(
-            torch.tensor(tokens, device=logits.device), minlength=logits.shape[-1]
-        ).to(logits.dtype)
+        counts = torch.bincount(torch.tensor(tokens, device=logits.device), minlength=logits.shape[-1]).to(logits.dtype)
         logits[row] -= option.frequency_penalty * counts + option.presence_penalty * (counts > 0)
 
 

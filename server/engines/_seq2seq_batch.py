@@ -97,4 +97,3 @@ class Seq2SeqBatch:
         rows, source = self._encoder_mask.shape
         zero = torch.zeros((), dtype=self._model.dtype, device=self._encoder_mask.device)
         return zero.expand(rows, source, config.d_model)
-

@@ -10,7 +10,7 @@ chosen, even for a streaming request.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -119,7 +119,7 @@ class Engine(ABC):
     @abstractmethod
     def generate(
         self, request: PreparedRequest, request_id: str, *, stream: bool = True
-    ) -> AsyncIterator[GenerationDelta]:
+    ) -> AsyncGenerator[GenerationDelta, None]:
         """Stream deltas; the last one carries ``finish_reason``.
 
         With ``stream=False`` the engine may deliver the whole completion as one delta:

@@ -16,9 +16,7 @@ from server.engines.base import SamplingOptions
 from server.errors import InvalidRequestError
 
 
-def fit_to_context(
-    model_id: str, max_model_len: int, prompt_tokens: int, sampling: SamplingOptions
-) -> SamplingOptions:
+def fit_to_context(model_id: str, max_model_len: int, prompt_tokens: int, sampling: SamplingOptions) -> SamplingOptions:
     """Check that prompt plus max_tokens fits the context, as the contract demands.
 
     A max_tokens the caller asked for is refused when it cannot fit; a default one is
@@ -43,9 +41,7 @@ def fit_to_context(
     return dataclasses.replace(sampling, max_tokens=room)
 
 
-def render_chat(
-    tokenizer: Any, model_id: str, messages: Sequence[dict[str, Any]], template: str | None = None
-) -> str:
+def render_chat(tokenizer: Any, model_id: str, messages: Sequence[dict[str, Any]], template: str | None = None) -> str:
     """A conversation rendered with the model's own template, ready to generate.
 
     ``template`` replaces the tokenizer's (a vision model's processor may carry its own).
@@ -56,14 +52,12 @@ def render_chat(
     """
     if not (template or getattr(tokenizer, "chat_template", None)):
         raise InvalidRequestError(
-            f"model '{model_id}' is registered with prompt_format: chat, "
-            "but its tokenizer has no chat template"
+            f"model '{model_id}' is registered with prompt_format: chat, but its tokenizer has no chat template"
         )
     try:
-        return tokenizer.apply_chat_template(
+        rendered: str = tokenizer.apply_chat_template(
             list(messages), chat_template=template, tokenize=False, add_generation_prompt=True
         )
     except (TemplateError, TypeError) as exc:
-        raise InvalidRequestError(
-            f"the chat template of model '{model_id}' cannot render this prompt ({exc})"
-        ) from exc
+        raise InvalidRequestError(f"the chat template of model '{model_id}' cannot render this prompt ({exc})") from exc
+    return rendered

@@ -16,12 +16,11 @@ else is refused at load, and by ``v4serve check`` (``server.registry.engine_kind
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Sequence
+from typing import TYPE_CHECKING, Any
 
-from server.engines._batch_worker import BatchWorker, Job
+from server.engines._batch_worker import Batch, BatchWorker, Job
 from server.engines._causal_batch import CausalBatch
 from server.engines._detokenizer import IncrementalDetokenizer
 from server.engines._seq2seq_batch import Seq2SeqBatch
@@ -38,6 +37,9 @@ from server.engines.rules import fit_to_context, render_chat
 from server.errors import InvalidRequestError, ServingError
 from server.registry import ModelEntry
 from server.registry.engine_kinds import model_type_refusal
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -105,16 +107,19 @@ class TransformersEngine(Engine):
             revision=None if entry.tokenizer else entry.revision,
             trust_remote_code=entry.trust_remote_code,
         )
+        pad_token_id = _pad_token_id(model, tokenizer)
+
+        def prefill(prompts: list[list[int]], *, decoded: list[list[int]]) -> tuple[Batch, torch.Tensor]:
+            return batch_class.prefill(model, prompts, pad_token_id, decoded)
+
         worker = BatchWorker(
-            functools.partial(batch_class.prefill, model, pad_token_id=_pad_token_id(model, tokenizer)),
+            prefill,
             name=model_id,
             max_batch_size=int(entry.engine_args.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)),
             eos_token_ids=_eos_token_ids(model, tokenizer),
         )
         max_model_len = entry.max_model_len or _context_length(config, tokenizer)
-        logger.info(
-            "model %s on %s (%s), context %d tokens", model_id, model.device, model.dtype, max_model_len
-        )
+        logger.info("model %s on %s (%s), context %d tokens", model_id, model.device, model.dtype, max_model_len)
         return cls(model_id, tokenizer, worker, max_model_len)
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
@@ -131,22 +136,18 @@ class TransformersEngine(Engine):
     ) -> PreparedRequest:
         if adapter is not None:
             raise InvalidRequestError(
-                f"model '{self.model_id}' is served by the transformers engine, which does not "
-                "serve LoRA adapters",
+                f"model '{self.model_id}' is served by the transformers engine, which does not serve LoRA adapters",
                 param="model",
             )
         if images:
             raise InvalidRequestError(
-                f"model '{self.model_id}' is served by the transformers engine, which does not "
-                "serve vision models",
+                f"model '{self.model_id}' is served by the transformers engine, which does not serve vision models",
                 param="images",
             )
         encoded = await asyncio.to_thread(self._tokenizer, prompt, add_special_tokens=add_special_tokens)
         prompt_ids: list[int] = encoded["input_ids"]
         if not prompt_ids:
-            raise InvalidRequestError(
-                "the prompt is empty: the model needs at least one input token", param="prompt"
-            )
+            raise InvalidRequestError("the prompt is empty: the model needs at least one input token", param="prompt")
         return PreparedRequest(
             prompt_tokens=len(prompt_ids),
             sampling=fit_to_context(self.model_id, self.max_model_len, len(prompt_ids), sampling),
@@ -155,7 +156,7 @@ class TransformersEngine(Engine):
 
     async def generate(
         self, request: PreparedRequest, request_id: str, *, stream: bool = True
-    ) -> AsyncIterator[GenerationDelta]:
+    ) -> AsyncGenerator[GenerationDelta, None]:
         # One delta per step either way: the worker produces them anyway, and a
         # non-streaming caller joins them.
         job = Job(
@@ -211,7 +212,7 @@ def _device(launch: LaunchOptions) -> str:
 
 
 def _torch_dtype(dtype: str, on_gpu: bool) -> Any:
-    """"auto" means the checkpoint's dtype on a GPU; CPUs get float32, the one dtype every
+    """ "auto" means the checkpoint's dtype on a GPU; CPUs get float32, the one dtype every
     CPU kernel supports at full speed."""
     import torch
 

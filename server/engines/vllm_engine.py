@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import typing
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -111,7 +111,8 @@ def lora_engine_args(adapters: Sequence[AdapterRef]) -> dict[str, Any]:
 def running_on_cpu() -> bool:
     from vllm.platforms import current_platform
 
-    return current_platform.is_cpu()
+    on_cpu: bool = current_platform.is_cpu()
+    return on_cpu
 
 
 class VLLMEngine(Engine):
@@ -134,9 +135,7 @@ class VLLMEngine(Engine):
         self._sleep_enabled = sleep_enabled
         self._chat_template = chat_template
         # vLLM caches a loaded adapter under its int ID, so each name keeps one ID.
-        self._loras = {
-            a.name: LoRARequest(a.name, lora_id, a.path) for lora_id, a in enumerate(adapters, start=1)
-        }
+        self._loras = {a.name: LoRARequest(a.name, lora_id, a.path) for lora_id, a in enumerate(adapters, start=1)}
 
     @classmethod
     async def start(
@@ -150,9 +149,7 @@ class VLLMEngine(Engine):
         """Create the engine off the event loop: construction blocks for seconds."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = build_engine_args(
-            model_id, entry, weights, on_cpu=running_on_cpu(), adapters=adapters, launch=launch
-        )
+        args = build_engine_args(model_id, entry, weights, on_cpu=running_on_cpu(), adapters=adapters, launch=launch)
         llm = await asyncio.to_thread(_with_visible_devices, launch.visible_devices, AsyncLLM.from_engine_args, args)
         template = await asyncio.to_thread(_vision_chat_template, llm) if entry.vision is not None else None
         return cls(
@@ -178,9 +175,7 @@ class VLLMEngine(Engine):
         from vllm.exceptions import VLLMValidationError
 
         renderer = self._llm.renderer
-        tok_params = dataclasses.replace(
-            renderer.default_cmpl_tok_params, add_special_tokens=add_special_tokens
-        )
+        tok_params = dataclasses.replace(renderer.default_cmpl_tok_params, add_special_tokens=add_special_tokens)
         request: dict[str, Any] = {"prompt": prompt}
         if images:
             # vLLM's processor expands each placeholder into that image's feature tokens.
@@ -232,7 +227,7 @@ class VLLMEngine(Engine):
 
     async def generate(
         self, request: PreparedRequest, request_id: str, *, stream: bool = True
-    ) -> AsyncIterator[GenerationDelta]:
+    ) -> AsyncGenerator[GenerationDelta, None]:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -300,7 +295,8 @@ def _vision_chat_template(llm: Any) -> str | None:
     carry a template that its tokenizer lacks."""
     from vllm.renderers.hf import resolve_chat_template
 
-    return resolve_chat_template(llm.get_tokenizer(), None, None, model_config=llm.model_config)
+    template: str | None = resolve_chat_template(llm.get_tokenizer(), None, None, model_config=llm.model_config)
+    return template
 
 
 def _with_visible_devices(devices: str | None, create: Any, args: Any) -> Any:

@@ -13,9 +13,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from server.registry.engine_kinds import DEFAULT_CPU_KV_CACHE_BYTES
 from server.pool.placement import Device
 from server.registry import ModelEntry
+from server.registry.engine_kinds import DEFAULT_CPU_KV_CACHE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,10 @@ def _gpu_memory_totals() -> list[int]:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("nvidia-smi failed (%s); budgeting host memory only", exc)

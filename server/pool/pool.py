@@ -313,6 +313,7 @@ class EnginePool:
 
     async def _start(self, slot: _Slot) -> Engine:
         model_id, entry = slot.model_id, slot.registered.entry
+        assert entry.source is not None, "an entry with an engine of its own names its weights"
         weights = await asyncio.to_thread(resolve_source, entry.source, self._home, revision=entry.revision)
         adapters = await asyncio.to_thread(self._resolve_adapters, model_id)
         launch = LaunchOptions(enable_sleep=self._sleep_mode)
@@ -363,7 +364,9 @@ class EnginePool:
                 "memory budget (--memory-budget) offers"
             )
         while (placement := self._planner.place(slot.model_id, need, tp, on=on)) is None:
-            victims = sorted((s for s in self._slots.values() if s is not slot and s.evictable), key=lambda s: s.last_used)
+            victims = sorted(
+                (s for s in self._slots.values() if s is not slot and s.evictable), key=lambda s: s.last_used
+            )
             if not victims:
                 busy = ", ".join(s.model_id for s in self._slots.values() if s.placement is not None and s is not slot)
                 raise UnavailableError(
@@ -450,6 +453,7 @@ class EnginePool:
         adapters = []
         for registered in self._adapters.get(base_id, []):
             adapter_id, entry = registered.model_id, registered.entry
+            assert entry.adapter is not None, "an entry on a base is a LoRA adapter"
             try:
                 path = resolve_source(entry.adapter, self._home, revision=entry.revision)
                 adapters.append(AdapterRef(adapter_id, path, lora_rank(path)))
@@ -563,7 +567,7 @@ def _backoff(failures: int) -> float:
     """Seconds to wait before retrying after ``failures`` in a row (see FIRST_BACKOFF_SECONDS)."""
     if failures <= 1:
         return 0.0
-    return min(MAX_BACKOFF_SECONDS, FIRST_BACKOFF_SECONDS * 2 ** (failures - 2))
+    return min(MAX_BACKOFF_SECONDS, FIRST_BACKOFF_SECONDS * 2.0 ** (failures - 2))
 
 
 def _public_reason(exc: BaseException) -> str:

@@ -6,13 +6,14 @@ the person reading the error is an operator with the YAML open in an editor.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from server.registry.schema import ModelEntry, RegistryFile
 
@@ -62,8 +63,8 @@ class Registry:
         for model_id, registered in self._models.items():
             self._claim(model_id, model_id, f"{registered.origin}: model '{model_id}'")
         for model_id, registered in self._models.items():
-            for alias in registered.entry.aliases:
-                self._claim(alias, model_id, f"{registered.origin}: model '{model_id}': key 'aliases'")
+            for name in registered.entry.aliases:
+                self._claim(name, model_id, f"{registered.origin}: model '{model_id}': key 'aliases'")
             self._check_base(registered)
         for alias in (aliases or {}).values():
             if alias.target not in self._names:
@@ -85,8 +86,7 @@ class Registry:
             raise RegistryError(f"{where}: '{base_id}' is itself a LoRA adapter, not a base model")
         if base.entry.engine != "vllm":
             raise RegistryError(
-                f"{where}: LoRA adapters are served by vLLM, and '{base_id}' uses engine "
-                f"'{base.entry.engine}'"
+                f"{where}: LoRA adapters are served by vLLM, and '{base_id}' uses engine '{base.entry.engine}'"
             )
 
     def _claim(self, name: str, model_id: str, where: str) -> None:
@@ -99,7 +99,7 @@ class Registry:
         model_id = self._names.get(name)
         return None if model_id is None else self._models[model_id]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[RegisteredModel]:
         return iter(self._models.values())
 
     def __len__(self) -> int:
@@ -118,19 +118,15 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) 
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
         if key in seen:
-            raise RegistryError(
-                f"line {key_node.start_mark.line + 1}: key '{key}' is defined twice"
-            )
+            raise RegistryError(f"line {key_node.start_mark.line + 1}: key '{key}' is defined twice")
         seen.add(key)
     return loader.construct_mapping(node)
 
 
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
-)
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
-def _describe(path: Path, error: dict[str, Any]) -> str:
+def _describe(path: Path, error: ErrorDetails) -> str:
     loc = [str(part) for part in error["loc"]]
     if len(loc) >= 2 and loc[0] == "models":
         where = f"model '{loc[1]}'"

@@ -48,9 +48,7 @@ class VisionSettings(BaseModel):
         description="what marks one image in a prompt, e.g. <image>; {n} in it stands for the "
         "image's number from 1, for models that number their images (Phi-3-vision: <|image_{n}|>)",
     )
-    max_images: int = Field(
-        default=1, ge=1, description="images one request may send; also vLLM's limit_mm_per_prompt"
-    )
+    max_images: int = Field(default=1, ge=1, description="images one request may send; also vLLM's limit_mm_per_prompt")
 
 
 class ModelEntry(BaseModel):
@@ -65,9 +63,7 @@ class ModelEntry(BaseModel):
     base: str | None = Field(
         default=None, description="LoRA entries: the registered model ID whose engine serves the adapter."
     )
-    adapter: str | None = Field(
-        default=None, description="LoRA entries: the adapter's hub repo ID or local directory."
-    )
+    adapter: str | None = Field(default=None, description="LoRA entries: the adapter's hub repo ID or local directory.")
     revision: str | None = None
     tokenizer: str | None = None
     engine: EngineKind = "vllm"
@@ -91,9 +87,7 @@ class ModelEntry(BaseModel):
     architecture: str | None = Field(default=None, description="architectures[0] of config.json")
     attention_heads: int | None = Field(default=None, ge=1)
     parameters_b: float | None = Field(default=None, gt=0, description="parameter count, billions")
-    memory: ByteSize | None = Field(
-        default=None, description="memory the engine needs in all: weights plus KV cache"
-    )
+    memory: ByteSize | None = Field(default=None, description="memory the engine needs in all: weights plus KV cache")
     gated: bool = Field(default=False, description="the hub repo needs an accepted licence and HF_TOKEN")
     # How the engine pool treats the model (see server/pool).
     pinned: bool = Field(default=False, description="load at start-up and never unload")
@@ -134,9 +128,7 @@ class ModelEntry(BaseModel):
     def _no_reserved_engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
         clash = sorted(RESERVED_ENGINE_ARGS.intersection(value))
         if clash:
-            raise ValueError(
-                f"{', '.join(clash)} must be set with the entry's own key, not in engine_args"
-            )
+            raise ValueError(f"{', '.join(clash)} must be set with the entry's own key, not in engine_args")
         return value
 
 

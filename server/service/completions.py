@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 
 from server.errors import InvalidRequestError, ServingError
 from server.pool import Engine, EnginePool, GenerationDelta, Lease, PreparedRequest, SamplingOptions
-from server.protocol import Completion, CompletionRequest, CompletionResponse, TokenUsage
+from server.protocol.v4 import Completion, CompletionRequest, CompletionResponse, TokenUsage
 from server.registry import ModelEntry
 from server.service.images import EncodedImage, ImagePolicy, PixelBudget, decode_images, read_images
 from server.service.prompts import BuiltPrompt, build_prompt
@@ -54,7 +54,7 @@ class PendingCompletion:
         async for delta in self._deltas(stream=True):
             yield _response(delta.text, delta, final=delta.finish_reason is not None)
 
-    async def _deltas(self, *, stream: bool) -> AsyncIterator[GenerationDelta]:
+    async def _deltas(self, *, stream: bool) -> AsyncGenerator[GenerationDelta, None]:
         last: GenerationDelta | None = None
         outcome = "aborted: the client went away"
         try:
@@ -131,9 +131,7 @@ def _response(text: str, delta: GenerationDelta, *, final: bool) -> CompletionRe
         else None
     )
     return CompletionResponse.model_construct(
-        completion=Completion.model_construct(
-            text=text, finish_reason=delta.finish_reason, response_metadata=None
-        ),
+        completion=Completion.model_construct(text=text, finish_reason=delta.finish_reason, response_metadata=None),
         token_usage=usage,
     )
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.pool import Engine
 from server.errors import InvalidRequestError
+from server.pool import Engine
 from server.registry import ModelEntry, VisionSettings
 from server.service.placeholders import count_placeholders, with_placeholders
 

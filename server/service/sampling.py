@@ -7,7 +7,7 @@ registry entry (the hosted API applies 100 to open models), top-k and top-p off.
 from __future__ import annotations
 
 from server.pool import SamplingOptions
-from server.protocol import ModelParameters
+from server.protocol.v4 import ModelParameters
 from server.registry import ModelEntry
 
 

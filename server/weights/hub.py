@@ -37,7 +37,15 @@ logger = logging.getLogger(__name__)
 # original/, Mixtral ones as consolidated .pt files: fetching them would double a
 # 140 GB download.
 _NEVER_LOADED = (
-    "original/*", "*.pth", "*.gguf", "*.h5", "*.msgpack", "*.ot", "*.onnx", "onnx/*", "*.tflite",
+    "original/*",
+    "*.pth",
+    "*.gguf",
+    "*.h5",
+    "*.msgpack",
+    "*.ot",
+    "*.onnx",
+    "onnx/*",
+    "*.tflite",
 )
 # Pickled PyTorch weights, left out where the repo has the same weights as safetensors.
 _PICKLED = ("*.bin", "*.pt")

@@ -91,7 +91,7 @@ def _train_tokenizer(directory: Path, *, decoder_only: bool = True) -> None:
     wrapped.save_pretrained(directory)
 
 
-def _tiny_llama_config():
+def _tiny_llama_config() -> Any:
     """A 2-layer Llama: hidden 128, 2 heads of 64 (vLLM's CPU attention needs 64), 1 KV head."""
     from transformers import LlamaConfig
 

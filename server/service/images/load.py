@@ -21,7 +21,7 @@ import httpx
 from PIL import Image as PILImage
 
 from server.errors import InvalidRequestError
-from server.protocol import Image
+from server.protocol.v4 import Image
 from server.service.images.decode import EncodedImage, decode_image, inspect_image
 from server.service.images.fetch import fetch_url
 from server.service.images.guard import Resolver, system_resolve
@@ -62,10 +62,7 @@ async def read_images(
                 read.cancel()
             await asyncio.gather(*reads, return_exceptions=True)
     return await asyncio.gather(
-        *(
-            asyncio.to_thread(inspect_image, data, policy, param=_param(index))
-            for index, data in enumerate(payloads)
-        )
+        *(asyncio.to_thread(inspect_image, data, policy, param=_param(index)) for index, data in enumerate(payloads))
     )
 
 

@@ -37,9 +37,7 @@ def read_data_uri(uri: str, policy: ImagePolicy, *, param: str) -> bytes:
 
 def read_file_url(url: str, policy: ImagePolicy, *, param: str) -> bytes:
     if policy.file_root is None:
-        raise InvalidRequestError(
-            "file: image URLs are refused: this server names no folder to read from", param=param
-        )
+        raise InvalidRequestError("file: image URLs are refused: this server names no folder to read from", param=param)
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # a bracketed host that is not one: file://[x/a.png

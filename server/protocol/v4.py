@@ -1,4 +1,4 @@
-"""Wire types of the hosted ``POST /v4/completions`` contract.
+"""Wire types of the hosted ``POST /v4/*`` contract.
 
 This module is the one place the contract is written down in code. The HTTP layer
 validates request bodies with it and the service layer shapes responses with it, the
@@ -50,12 +50,8 @@ class ModelParameters(BaseModel):
     temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_ENGINE_INT)
     stop_sequences: list[Text] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
-    top_k: int | None = Field(
-        default=None, ge=-1, le=MAX_ENGINE_INT, validation_alias=AliasChoices("top_k", "topK")
-    )
-    top_p: float | None = Field(
-        default=None, gt=0.0, le=1.0, validation_alias=AliasChoices("top_p", "topP")
-    )
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_ENGINE_INT, validation_alias=AliasChoices("top_k", "topK"))
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, validation_alias=AliasChoices("top_p", "topP"))
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
