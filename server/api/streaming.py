@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.api.errors import error_body, serving_error_body
 from server.errors import ServingError
-from server.protocol import CompletionResponse
+from server.protocol.v4 import CompletionResponse
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
