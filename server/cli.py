@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from server.inventory import WeightSource, serving_entry, weight_sources, weights_present
 from server.registry import SHIPPED_REGISTRY, RegisteredModel, Registry, RegistryError, load_registry
-from server.settings import LOOPBACK, Settings
+from server.settings import LOOPBACK, Option, Settings, options
 from server.weights import BUILTIN_PREFIX, HubError, HubUnreachableError, hub, local_dir
 
 logger = logging.getLogger("server")
@@ -24,86 +24,59 @@ def _parser() -> argparse.ArgumentParser:
         prog="v4serve", description="Serve the /v4/completions API from open models on your own hardware."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the HTTP server")
-    serve.add_argument("--host", help="address to bind (default: loopback unless API keys are set)")
-    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    _add_registry_option(serve)
-    serve.add_argument("--preload", action="append", metavar="ID", help="load this model at start-up (repeatable)")
-    serve.add_argument(
-        "--api-keys-file",
-        type=Path,
-        metavar="FILE",
-        help="file of API keys, one 'key' or 'key:account' a line, '#' comments; keys are printable "
-        "ASCII without spaces, and a file without keys is refused",
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP server",
+        description="Run the HTTP server. Every flag has an environment twin, named in its help; "
+        "V4SERVE_API_KEYS has no flag.",
     )
-    _add_home_option(serve)
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument(
-        "--memory-budget",
-        metavar="SIZE",
-        help="memory engines may use per device, e.g. 70GiB (default: 90%% of each GPU, or of RAM without GPUs)",
-    )
-    serve.add_argument(
-        "--keep-alive", type=float, metavar="SECONDS", help="unload a model unused this long (default: never)"
-    )
-    serve.add_argument(
-        "--sleep-mode",
-        action="store_true",
-        default=None,
-        help="on GPUs, park idle models' weights in host memory instead of unloading them",
-    )
-    serve.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="how long running requests may finish after SIGTERM (default 30)",
-    )
+    _add_settings(serve, *(option.name for option in options()))
     check = commands.add_parser("check", help="validate the merged registry without weights; exit 1 on problems")
-    _add_registry_option(check)
+    _add_settings(check, "registry_files")
     listing = commands.add_parser("models", help="list the registered models and whether their weights are here")
-    _add_registry_option(listing)
-    _add_home_option(listing)
+    _add_settings(listing, "registry_files", "home")
     pull = commands.add_parser(
         "pull", help="download models' weights into the Hugging Face cache (HF_TOKEN for gated repos)"
     )
     pull.add_argument("model_ids", nargs="+", metavar="ID", help="model ID or alias")
-    _add_registry_option(pull)
+    _add_settings(pull, "registry_files")
     return parser
 
 
-def _add_registry_option(parser: argparse.ArgumentParser) -> None:
+def _add_settings(parser: argparse.ArgumentParser, *names: str) -> None:
+    """The flags of these settings (those that have one), generated from ``Settings``."""
+    for option in options():
+        if option.name in names and option.flag is not None:
+            _add_setting(parser, option.flag, option)
+
+
+def _add_setting(parser: argparse.ArgumentParser, flag: str, option: Option) -> None:
+    """Every flag defaults to None, meaning not given: the environment variable or the
+    setting's default then applies."""
+    notes = ["repeatable"] if option.repeatable else []
+    notes.append(f"env {option.env}")
+    if option.default is not None and not option.switch:
+        hint = f" = {option.default_hint}" if option.default_hint else ""
+        notes.append(f"default {option.default}{hint}")
+    # Descriptions mark code with backticks for the docs; argparse formats help with %.
+    description = option.description.replace("`", "")
+    help_text = f"{description} ({'; '.join(notes)})".replace("%", "%%")
+    if option.switch:
+        parser.add_argument(flag, dest=option.name, action="store_true", default=None, help=help_text)
+        return
     parser.add_argument(
-        "--registry",
-        action="append",
-        type=Path,
-        dest="registry_files",
-        metavar="FILE",
-        help="operator registry file laid over the shipped one (repeatable)",
+        flag,
+        dest=option.name,
+        action="append" if option.repeatable else "store",
+        type=option.kind,
+        choices=option.choices or None,
+        metavar=None if option.choices else option.metavar,
+        help=help_text,
     )
 
 
-def _add_home_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--home", type=Path, help="where builtin models are generated (default ~/.cache/v4serve)")
-
-
 def _settings(args: argparse.Namespace) -> Settings:
-    given = {
-        name: value
-        for name in (
-            "host",
-            "port",
-            "registry_files",
-            "preload",
-            "api_keys_file",
-            "home",
-            "log_level",
-            "memory_budget",
-            "keep_alive",
-            "sleep_mode",
-            "shutdown_timeout",
-        )
-        if (value := getattr(args, name, None)) is not None
-    }
+    given = {option.name: value for option in options() if (value := getattr(args, option.name, None)) is not None}
     return Settings(**given)
 
 

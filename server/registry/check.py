@@ -8,6 +8,9 @@ time, minutes into a load on a GPU machine; ``v4serve check`` finds them all at 
 
 The facts come from the entry's own keys (``architecture``, ``attention_heads``), or,
 for an operator's local checkpoint that does not state them, from its ``config.json``.
+An entry's ``memory`` is also held against what its weights alone take, from
+``parameters_b`` and ``weight_bits`` (or ``dtype``): the engine pool places and evicts
+models by that figure, so one too small would overfill a GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import ByteSize
 
 from server.registry.engine_kinds import architecture_refusal
 from server.registry.loader import RegisteredModel, Registry
@@ -37,7 +42,8 @@ class Problem:
 
 
 def check_registry(registry: Registry) -> list[Problem]:
-    """Every problem of every entry; warnings are things check could not decide."""
+    """Every problem of every entry; warnings are things check could not decide, or figures
+    that look wrong but only the operator can correct."""
     problems: list[Problem] = []
     for registered in registry:
         # An adapter runs on its base's engine; loading has checked that base already.
@@ -79,6 +85,17 @@ def _check_model(registered: RegisteredModel) -> list[Problem]:
                 "tensor_parallel_size",
                 f"{tp} does not divide the model's {heads} attention heads "
                 f"(sizes up to 8 that do: {', '.join(map(str, fitting))})",
+            )
+        )
+    weights = entry.weight_bytes()
+    if weights is not None and entry.memory is not None and entry.memory < weights:
+        problems.append(
+            problem(
+                "memory",
+                f"{entry.memory.human_readable()} is less than the {ByteSize(weights).human_readable()} that "
+                f"{entry.parameters_b:g}B parameters take at {entry.parameter_bits:g} bits each, before any KV cache; raise "
+                "it, or set weight_bits for a quantized checkpoint",
+                warning=True,
             )
         )
     return problems

@@ -17,22 +17,24 @@ from server.errors import PayloadTooLargeError
 from server.settings import Settings
 
 
+# The declared defaults, without the environment: ``Settings`` is their one source.
+_DEFAULTS = Settings.model_construct()
+
+
 @dataclass(frozen=True, slots=True)
 class ImagePolicy:
-    fetch_timeout: float = 10.0
-    max_bytes: int = 20 << 20
-    # Decompression-bomb guard: a tiny PNG can declare 10 000 x 10 000 pixels.
-    max_pixels: int = 40_000_000
-    # Pixels all requests may hold decoded at once (PixelBudget): bytes are cheap to queue,
-    # pixels are not (a 5 KB PNG can decode to 119 MB).
-    decoded_pixels: int = 400_000_000
-    formats: tuple[str, ...] = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
+    """The image settings, normalised for the loader; each field's meaning is the
+    description of its ``image_*`` setting in ``Settings``."""
+
+    fetch_timeout: float = _DEFAULTS.image_fetch_timeout
+    max_bytes: int = _DEFAULTS.image_max_bytes
+    max_pixels: int = _DEFAULTS.image_max_pixels
+    decoded_pixels: int = _DEFAULTS.image_decoded_pixels
+    formats: tuple[str, ...] = tuple(_DEFAULTS.image_formats)
     # Lower-case host names; empty means any host whose addresses are public.
-    allowed_domains: frozenset[str] = frozenset()
-    # True turns the address guard off, for servers that only face trusted networks.
-    allow_private_networks: bool = False
-    # None refuses file:// URLs; otherwise only files inside this folder are read.
-    file_root: Path | None = None
+    allowed_domains: frozenset[str] = frozenset(_DEFAULTS.image_allowed_domains)
+    allow_private_networks: bool = _DEFAULTS.image_allow_private_networks
+    file_root: Path | None = _DEFAULTS.image_file_root
 
     def __post_init__(self) -> None:
         # Pillow only learns an unknown format name when an image arrives; fail at start-up.
