@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from server.testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,12 +39,6 @@ TINY_ENTRY = """\
     engine_args: {{enforce_eager: true}}
 """
 TINY_PAIR = "models:\n" + TINY_ENTRY.format(name="swap-a") + TINY_ENTRY.format(name="swap-b")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ttft(base_url: str, model: str) -> float:

@@ -92,11 +92,11 @@ def _is_loopback(host: str) -> bool:
 def serve(settings: Settings) -> int:
     import uvicorn
 
-    from server.api import create_app
+    from server.api import create_app, state_of
 
     registry = load_registry(settings.registry_files)
     app = create_app(settings, registry)
-    keys_enabled = app.state.v4.keys.enabled
+    keys_enabled = state_of(app).keys.enabled
     host = settings.host or ("0.0.0.0" if keys_enabled else LOOPBACK)
     if not keys_enabled:
         if _is_loopback(host):

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import REPO, free_port
+from server.testing import free_port
+from tests.conftest import REPO, require_slow
 
 
 @dataclass
@@ -39,6 +40,7 @@ def run_cli(args: Sequence[str], env: dict[str, str], timeout: float = 240) -> R
 
 
 def run_python(args: Sequence[str], env: dict[str, str], timeout: float = 240) -> Result:
+    require_slow("runs v4serve as a process")
     started = time.monotonic()
     done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return Result(done.returncode, done.stdout, done.stderr, time.monotonic() - started)

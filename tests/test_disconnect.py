@@ -14,16 +14,20 @@ import socket
 import time
 
 import httpx
+import pytest
 
 from tests.conftest import API_KEY, RunningServer
 
+pytestmark = pytest.mark.slow
+
 MODEL = "tiny-llama-long"
 MAX_TOKENS = 30_000
-# 30,000 tokens take the tiny model tens of seconds on any CPU, far longer than the client
+# Thousands of tokens take the tiny model tens of seconds on any CPU, far longer than the client
 # takes to leave even on a loaded machine; an abort ends the request at once.
 LONG = {
     "model": MODEL,
-    # Greedy "Hello" runs the tiny model to the full length: no early end of sequence.
+    # Greedy "Hello" runs the random-weight model for 7,459 tokens before its end of sequence:
+    # thousands of tokens still to generate when the client leaves.
     "prompt": "Hello",
     "model_parameters": {"temperature": 0, "max_tokens": MAX_TOKENS, "stop_sequences": ["never-appears-xyz"]},
 }

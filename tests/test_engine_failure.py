@@ -17,6 +17,8 @@ import pytest
 
 from tests.conftest import API_KEY, FIXTURES, RunningServer, start_server
 
+pytestmark = pytest.mark.slow
+
 SHORT = {"temperature": 0, "max_tokens": 5}
 
 

@@ -19,6 +19,8 @@ import pytest
 from tests.conftest import start_server
 from tests.offline import cached_snapshot, offline_env, run_cli, run_python
 
+pytestmark = pytest.mark.slow
+
 FAST = 30.0
 
 

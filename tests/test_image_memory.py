@@ -240,6 +240,7 @@ def reset_peak_rss(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
 
 
+@pytest.mark.slow
 async def test_many_tiny_images_that_decode_large_keep_memory_bounded(bounded_server: RunningServer) -> None:
     assert len(BOMB) < 5000
     body = {

@@ -94,6 +94,7 @@ def reference_greedy(prompt_ids: list[int], adapter: Path | None) -> list[int]:
     return tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model", "adapter"), [("tiny-llama", None), ("tiny-lora", ADAPTER_DIR)])
 def test_output_matches_transformers_and_peft(client: SGPClient, tokenizer, model, adapter) -> None:
     prompt_ids = tokenizer(PROMPT).input_ids
@@ -105,12 +106,14 @@ def test_output_matches_transformers_and_peft(client: SGPClient, tokenizer, mode
     assert usage["total"] == usage["prompt"] + usage["completion"]
 
 
+@pytest.mark.slow
 def test_adapter_changes_the_output(client: SGPClient) -> None:
     base, _ = complete(client, "tiny-llama", max_tokens=MAX_TOKENS)
     adapted, _ = complete(client, "tiny-lora", max_tokens=MAX_TOKENS)
     assert adapted != base
 
 
+@pytest.mark.slow
 def test_adapter_entry_keeps_its_own_prompt_format_and_default_max_tokens(client: SGPClient, tokenizer) -> None:
     # tiny-lora-chat: prompt_format chat and default_max_tokens 12, with the base's tokenizer.
     rendered = tokenizer.apply_chat_template(
@@ -124,6 +127,7 @@ def test_adapter_entry_keeps_its_own_prompt_format_and_default_max_tokens(client
     assert usage["completion"] == 12
 
 
+@pytest.mark.slow
 def test_streaming_matches_non_streaming(client: SGPClient) -> None:
     whole, usage = complete(client, "tiny-lora", max_tokens=MAX_TOKENS)
     stream = client.completions.create(
@@ -135,6 +139,7 @@ def test_streaming_matches_non_streaming(client: SGPClient) -> None:
     assert chunks[-1]["token_usage"] == usage
 
 
+@pytest.mark.slow
 def test_one_engine_serves_the_base_and_its_adapters(client: SGPClient, lora_server: RunningServer) -> None:
     for model in ("tiny-llama", "tiny-lora", "tiny-lora-chat"):
         complete(client, model, max_tokens=4)
@@ -156,6 +161,7 @@ def test_one_engine_serves_the_base_and_its_adapters(client: SGPClient, lora_ser
     assert "model tiny-llama serves LoRA adapters tiny-lora, tiny-lora-chat" in log
 
 
+@pytest.mark.slow
 def test_an_adapter_that_cannot_load_leaves_its_base_serving(client: SGPClient, lora_server: RunningServer) -> None:
     with lora_server.client() as http:
         response = http.post("/v4/completions", json={"model": "tiny-lora-missing", "prompt": PROMPT})

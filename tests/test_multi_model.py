@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import API_KEY, FIXTURES, RunningServer, start_server
 
+pytestmark = pytest.mark.slow
+
 SHORT = {"temperature": 0, "max_tokens": 5}
 # Greedy "Hello" runs the tiny model to the full 2,000 tokens (no EOS): seconds of work.
 LONG = {"temperature": 0, "max_tokens": 2000, "stop_sequences": ["never-appears-xyz"]}

@@ -15,6 +15,8 @@ from server.registry import RegistryError, load_registry
 from server.registry.check import check_registry
 from tests.offline import offline_env, run_cli
 
+pytestmark = pytest.mark.slow
+
 
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")

@@ -9,12 +9,15 @@ and afterwards no request is left running in the engine.
 from __future__ import annotations
 
 import httpx
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from tests.conftest import API_KEY, RunningServer
+
+pytestmark = pytest.mark.slow
 
 MODEL = "tiny-llama"
 # Enough examples to reach the odd corners of each route, few enough for CI's budget.

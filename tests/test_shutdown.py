@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import API_KEY, RunningServer, start_server
 
+pytestmark = pytest.mark.slow
+
 
 def stream_in_background(server: RunningServer, max_tokens: int) -> tuple[threading.Thread, dict]:
     outcome: dict = {"lines": []}

@@ -104,6 +104,7 @@ def assert_batched_equals_alone(model: Any) -> None:
         assert request.tokens == alone(model, request), request.prompt
 
 
+@pytest.mark.slow
 def test_tiny_mpt_decodes_batched_as_alone() -> None:
     from transformers import AutoModelForCausalLM
 
@@ -132,6 +133,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(TINY_CONFIGS))
 def test_every_accepted_model_type_decodes_batched_as_alone(variant: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -95,6 +95,7 @@ def stream(client: SGPClient, served: Served, prompt: str | None = None, **param
 # Over HTTP --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_model_is_served_by_the_transformers_engine(served: Served) -> None:
     with served.server.client() as http:
         models = http.get("/v4/models").json()["models"]
@@ -102,6 +103,7 @@ def test_model_is_served_by_the_transformers_engine(served: Served) -> None:
     assert (entry["engine"], entry["state"]) == ("transformers", "ready")
 
 
+@pytest.mark.slow
 def test_completion_text_finish_reason_and_exact_usage(client: SGPClient, served: Served, tokenizer) -> None:
     text, finish, usage = complete(client, served, max_tokens=20)
     assert text
@@ -113,6 +115,7 @@ def test_completion_text_finish_reason_and_exact_usage(client: SGPClient, served
     assert usage["prompt"] + usage["completion"] == usage["total"]
 
 
+@pytest.mark.slow
 def test_streamed_pieces_make_the_non_streamed_text(client: SGPClient, served: Served) -> None:
     text, finish, usage = complete(client, served, max_tokens=30)
     streamed, chunks = stream(client, served, max_tokens=30)
@@ -123,6 +126,7 @@ def test_streamed_pieces_make_the_non_streamed_text(client: SGPClient, served: S
     assert chunks[-1]["token_usage"] == usage
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("served", ["tiny-t5"], indirect=True)
 def test_eos_ends_the_completion_with_stop(client: SGPClient, served: Served) -> None:
     _text, finish, usage = complete(client, served, EOS_PROMPT, max_tokens=50)
@@ -130,12 +134,14 @@ def test_eos_ends_the_completion_with_stop(client: SGPClient, served: Served) ->
     assert usage["completion"] < 50  # the EOS token is counted, as vLLM counts it
 
 
+@pytest.mark.slow
 def test_max_tokens_is_respected(client: SGPClient, served: Served) -> None:
     for max_tokens in (1, 7):
         _, finish, usage = complete(client, served, max_tokens=max_tokens)
         assert (finish, usage["completion"]) == ("length", max_tokens)
 
 
+@pytest.mark.slow
 def test_stop_sequence_is_excluded_in_both_modes(client: SGPClient, served: Served) -> None:
     full, chunks = stream(client, served, max_tokens=40)
     pieces = [c["completion"]["text"] for c in chunks]
@@ -157,6 +163,7 @@ def test_stop_sequence_is_excluded_in_both_modes(client: SGPClient, served: Serv
     assert chunks[-1]["completion"]["finish_reason"] == "stop"
 
 
+@pytest.mark.slow
 def test_sampling_parameters_take_effect(client: SGPClient, served: Served) -> None:
     def repetitive(**params) -> str:
         return complete(client, served, REPETITIVE_PROMPT, max_tokens=20, **params)[0]
@@ -175,6 +182,7 @@ def test_sampling_parameters_take_effect(client: SGPClient, served: Served) -> N
     assert finish in {"stop", "length"} and 1 <= usage["completion"] <= 20
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_decoder_steps(client: SGPClient, served: Served) -> None:
     # Prompts of different lengths, and rows that leave while the others go on.
     prompts = [f"Question {i}: what is {i} plus {i}?{' And then?' * (i - 10)}" for i in range(10, 14)]
@@ -201,6 +209,7 @@ def test_concurrent_requests_share_decoder_steps(client: SGPClient, served: Serv
     assert max(map(int, peaks)) == len(prompts)
 
 
+@pytest.mark.slow
 def test_client_disconnect_stops_generation(served: Served) -> None:
     server, model = served.server, served.model
     server.wait_for_running(model, lambda n: n == 0, 60)
@@ -222,6 +231,7 @@ def test_client_disconnect_stops_generation(served: Served) -> None:
     assert server.wait_for_running(model, lambda n: n == 0, 5) < 5
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_the_context_is_refused(client: SGPClient, served: Served, tokenizer) -> None:
     prompt = "The quick brown fox jumps over the lazy dog. " * 80
     length = len(tokenizer(prompt).input_ids)
@@ -231,6 +241,7 @@ def test_prompt_longer_than_the_context_is_refused(client: SGPClient, served: Se
     assert str(length) in str(caught.value) and "512" in str(caught.value)
 
 
+@pytest.mark.slow
 def test_prompt_plus_max_tokens_over_the_context_is_refused(client: SGPClient, served: Served) -> None:
     with pytest.raises(BadRequestError) as caught:
         complete(client, served, max_tokens=600)
@@ -267,6 +278,7 @@ def test_stop_filter_without_stops_passes_text_through() -> None:
     assert stops.flush() == ""
 
 
+@pytest.mark.slow
 def test_detokenizer_pieces_make_the_whole_decode(tokenizer) -> None:
     text = "Le renard brun saute — déjà vu, naïve café! 0123456789"
     ids = tokenizer(text, add_special_tokens=False).input_ids
@@ -293,6 +305,7 @@ def test_detokenizer_keeps_sentencepiece_word_spaces() -> None:
     assert "".join(pieces) == "the lazy fox jumps"
 
 
+@pytest.mark.slow
 def test_engine_abort_ends_the_request(served: Served) -> None:
     from server.engines.base import SamplingOptions
     from server.engines.transformers_engine import TransformersEngine

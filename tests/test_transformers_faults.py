@@ -36,6 +36,8 @@ from server.registry import ModelEntry
 from server.weights.tiny import TOKENIZER_VOCAB_SIZE, ensure_builtin
 from tests.conftest import TEST_HOME
 
+pytestmark = pytest.mark.slow
+
 # Greedy decoding of both tiny models never reaches EOS after this prompt.
 PROMPT = "Once upon a time there was a model that answered"
 # Model -> the class whose forward the worker calls.

@@ -103,6 +103,7 @@ def text_tokens(client: SGPClient, prompt: str) -> int:
 # --- images reach the model -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_image_from_a_url_or_a_data_uri_is_the_same_image(client: SGPClient, web: ImageServer) -> None:
     fetched = complete(client, [web.url("/img/red.png")])
     inline = complete(client, [data_uri(RED)])
@@ -111,6 +112,7 @@ def test_an_image_from_a_url_or_a_data_uri_is_the_same_image(client: SGPClient, 
     assert fetched["token_usage"]["prompt"] == text_tokens(client, "<image>\n" + PROMPT) + IMAGE_TOKENS - 1
 
 
+@pytest.mark.slow
 def test_the_image_changes_the_output(client: SGPClient) -> None:
     red = complete(client, [data_uri(RED)])["completion"]["text"]
     blue = complete(client, [data_uri(BLUE)])["completion"]["text"]
@@ -118,6 +120,7 @@ def test_the_image_changes_the_output(client: SGPClient) -> None:
     assert complete(client, [data_uri(RED)])["completion"]["text"] == red
 
 
+@pytest.mark.slow
 def test_several_images_in_one_prompt(client: SGPClient, web: ImageServer) -> None:
     urls = [web.url("/img/red.png"), data_uri(BLUE), data_uri(GREEN)]
     automatic = complete(client, urls)
@@ -132,6 +135,7 @@ def test_several_images_in_one_prompt(client: SGPClient, web: ImageServer) -> No
     assert complete(client, urls[::-1])["completion"]["text"] != automatic["completion"]["text"]
 
 
+@pytest.mark.slow
 def test_an_image_refused_after_rendering_is_served_next_time(client: SGPClient) -> None:
     """vLLM's renderer caches a processed image on the assumption that the engine will
     receive it; a request refused after rendering (here: too long for the context) never
@@ -148,6 +152,7 @@ def test_an_image_refused_after_rendering_is_served_next_time(client: SGPClient)
     assert served["token_usage"]["completion"] == GREEDY["max_tokens"]
 
 
+@pytest.mark.slow
 def test_streaming_with_an_image(client: SGPClient) -> None:
     expected = complete(client, [data_uri(BLUE)])
     chunks = [
@@ -164,11 +169,13 @@ def test_streaming_with_an_image(client: SGPClient) -> None:
     assert chunks[-1]["token_usage"] == expected["token_usage"]
 
 
+@pytest.mark.slow
 def test_a_hosted_vision_id_aliased_to_the_tiny_llava(client: SGPClient) -> None:
     # The overlay's top-level `aliases: {gpt-4o: tiny-llava}`, as the README shows operators.
     assert complete(client, [data_uri(RED)], model="gpt-4o") == complete(client, [data_uri(RED)])
 
 
+@pytest.mark.slow
 def test_a_chat_entry_has_its_template_place_the_images(client: SGPClient) -> None:
     chat = complete(client, [data_uri(RED), data_uri(BLUE)], model="tiny-llava-chat")
     # The template's rendering, without the BOS that raw prompting adds itself.
@@ -249,6 +256,7 @@ def probe() -> Iterator[LoopbackProbe]:
     listener.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(REFUSALS))
 def test_refused_images_leave_the_server_serving(
     name: str, vision_server: RunningServer, client: SGPClient, web: ImageServer, probe: LoopbackProbe
@@ -268,6 +276,7 @@ def test_refused_images_leave_the_server_serving(
     assert complete(client, [data_uri(GREEN)])["completion"]["text"]
 
 
+@pytest.mark.slow
 def test_refusals_surface_in_the_sdk_as_api_errors(client: SGPClient) -> None:
     with pytest.raises(APIStatusError) as caught:
         complete(client, ["file:///etc/passwd"])
@@ -291,6 +300,7 @@ def post_images(server: RunningServer, *urls: str) -> tuple[httpx.Response, dict
     return response, models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_default_settings_refuse_loopback_without_connecting_or_loading(
     default_server: RunningServer, probe: LoopbackProbe, host: str
@@ -308,6 +318,7 @@ def test_default_settings_refuse_loopback_without_connecting_or_loading(
     assert models[MODEL]["state"] == "not_loaded"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("host", ["a..example", "a" * 64 + ".example"], ids=["empty-label", "label-over-63"])
 def test_host_names_the_resolver_cannot_encode_are_400(default_server: RunningServer, host: str) -> None:
     response, models = post_images(default_server, f"http://{host}/x.png")

@@ -203,11 +203,12 @@ class ApiKeyAuth:
         return Caller(key_name=key.name, account=key.account, selected_account=selected)
 
 
-def current_caller(request: Request) -> Caller:
+async def current_caller(request: Request) -> Caller:
     """FastAPI dependency: the caller ``ApiKeyAuth`` established.
 
     A route reached without the middleware having run (a path it was told to leave open)
-    is refused rather than served as anonymous.
+    is refused rather than served as anonymous. A coroutine on purpose: FastAPI runs a
+    plain function dependency in a worker thread, a thread hop per request.
     """
     caller = request.scope.get("state", {}).get(CALLER_STATE_KEY)
     if not isinstance(caller, Caller):

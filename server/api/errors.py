@@ -19,6 +19,34 @@ from server.protocol.v4 import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
+# What each status a route may fail with means: the OpenAPI schema's side of the table
+# (``error_responses``). Every one of them carries an ``ErrorResponse`` body.
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "The body is not JSON, or the model refuses the request (a prompt too long for it, images for a text model)",
+    401: "No API key, or one the server does not know",
+    404: "No model or alias of that name in the registry",
+    413: "The body is larger than the server's limit",
+    422: "A field fails validation; `param` names it",
+    429: "The model is at its running and queued limits",
+    500: "The engine or the server failed while serving the request",
+    503: "The model cannot serve now: it is loading, it failed (and is retried after a back-off), or the server is shutting down",
+}
+_RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer", "minimum": 1}}
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's ``responses=`` for the error ``statuses`` it may answer with (see
+    ``ERROR_DESCRIPTIONS``), so its OpenAPI schema shows their ``ErrorResponse`` body."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        response: dict[str, Any] = {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
+        if status in (429, 503):
+            response["headers"] = _RETRY_AFTER
+        responses[status] = response
+    return responses
+
 
 def error_body(message: str, error_type: str, status: int, param: str | None = None) -> dict[str, Any]:
     return ErrorResponse(error=ErrorDetail(message=message, type=error_type, param=param, code=status)).model_dump()

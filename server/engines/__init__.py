@@ -7,6 +7,8 @@ from server.engines.base import (
     GenerationDelta,
     PreparedRequest,
     SamplingOptions,
+    TokenLogprob,
+    TopLogprob,
 )
 
 __all__ = [
@@ -16,4 +18,6 @@ __all__ = [
     "GenerationDelta",
     "PreparedRequest",
     "SamplingOptions",
+    "TokenLogprob",
+    "TopLogprob",
 ]

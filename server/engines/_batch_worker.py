@@ -78,9 +78,16 @@ class Job:
     # Set by the worker once the job has sent its last outcome.
     done: bool = False
     stops: StopSequenceFilter = field(init=False)
+    # The job's own random generator when its request has a seed, made on the model's device.
+    generator: torch.Generator | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.stops = StopSequenceFilter(self.sampling.stop)
+
+    def random_generator(self, device: torch.device) -> torch.Generator | None:
+        if self.sampling.seed is not None and self.generator is None:
+            self.generator = torch.Generator(device=device).manual_seed(self.sampling.seed)
+        return self.generator
 
     def advance(self, token: int, eos_token_ids: Collection[int]) -> GenerationDelta | None:
         """Take the next token; returns the delta to send, None while there is nothing to send.
@@ -247,7 +254,12 @@ class BatchWorker:
 
     @staticmethod
     def _next_tokens(jobs: Sequence[Job], logits: torch.Tensor) -> list[int]:
-        return next_tokens(logits, [job.sampling for job in jobs], [job.tokens for job in jobs])
+        return next_tokens(
+            logits,
+            [job.sampling for job in jobs],
+            [job.tokens for job in jobs],
+            [job.random_generator(logits.device) for job in jobs],
+        )
 
     def _advance(self, jobs: Sequence[Job], tokens: Sequence[int]) -> list[int]:
         """Give each job its next token and send what it produced; returns the rows still going."""

@@ -2,8 +2,9 @@
 
 Requests batched together each keep their sampling parameters, so every rule is
 applied per row. The rules follow vLLM's, so a model answers alike whichever engine
-serves it: penalties on the tokens generated so far (OpenAI's definition), then
-temperature (0 = greedy), then top-k, then top-p.
+serves it: the request's logit bias, penalties on the tokens generated so far (OpenAI's
+definition), then temperature (0 = greedy), then top-k, then top-p. A row with a seed
+draws from its own random generator, so its tokens do not depend on its batch.
 """
 
 from __future__ import annotations
@@ -19,18 +20,33 @@ _GREEDY_BELOW = 1e-5
 
 
 def next_tokens(
-    logits: torch.Tensor, options: Sequence[SamplingOptions], generated: Sequence[Sequence[int]]
+    logits: torch.Tensor,
+    options: Sequence[SamplingOptions],
+    generated: Sequence[Sequence[int]],
+    generators: Sequence[torch.Generator | None] = (),
 ) -> list[int]:
-    """One token per row of ``logits`` (batch x vocabulary)."""
+    """One token per row of ``logits`` (batch x vocabulary); ``generators``, where given,
+    are the rows' own random generators (None: the global one)."""
     logits = logits.float()
+    _apply_logit_bias(logits, options)
     _apply_penalties(logits, options, generated)
     chosen = logits.argmax(dim=-1)
     sampled = [row for row, option in enumerate(options) if option.temperature >= _GREEDY_BELOW]
-    if sampled:
-        rows = torch.tensor(sampled, device=logits.device)
-        chosen[rows] = _sample(logits[rows], [options[row] for row in sampled])
+    seeded = {row for row in sampled if row < len(generators) and generators[row] is not None}
+    shared = [row for row in sampled if row not in seeded]
+    if shared:
+        rows = torch.tensor(shared, device=logits.device)
+        chosen[rows] = _sample(logits[rows], [options[row] for row in shared])
+    for row in seeded:
+        chosen[row] = _sample(logits[row : row + 1], [options[row]], generators[row])[0]
     tokens: list[int] = chosen.tolist()
     return tokens
+
+
+def _apply_logit_bias(logits: torch.Tensor, options: Sequence[SamplingOptions]) -> None:
+    for row, option in enumerate(options):
+        for token, bias in option.logit_bias:
+            logits[row, token] += bias
 
 
 def _apply_penalties(
@@ -43,7 +59,9 @@ def _apply_penalties(
         logits[row] -= option.frequency_penalty * counts + option.presence_penalty * (counts > 0)
 
 
-def _sample(logits: torch.Tensor, options: Sequence[SamplingOptions]) -> torch.Tensor:
+def _sample(
+    logits: torch.Tensor, options: Sequence[SamplingOptions], generator: torch.Generator | None = None
+) -> torch.Tensor:
     vocabulary = logits.shape[-1]
     logits = logits / _column([o.temperature for o in options], logits)
     ordered, order = logits.sort(dim=-1, descending=True)
@@ -55,7 +73,7 @@ def _sample(logits: torch.Tensor, options: Sequence[SamplingOptions]) -> torch.T
     probabilities = ordered.softmax(dim=-1)
     # Drop a token once the more likely ones already reach top_p; the first always stays.
     ordered = ordered.masked_fill(probabilities.cumsum(dim=-1) - probabilities >= top_p, float("-inf"))
-    picks = torch.multinomial(ordered.softmax(dim=-1), num_samples=1)
+    picks = torch.multinomial(ordered.softmax(dim=-1), num_samples=1, generator=generator)
     return order.gather(-1, picks).squeeze(1)
 
 

@@ -30,6 +30,19 @@ class SamplingOptions:
     # When False, max_tokens was a default rather than the caller's request: it is cut
     # to the room left in the context instead of rejecting the request.
     strict_max_tokens: bool = True
+    # A seed makes sampling repeatable: the same request with the same seed draws the same tokens.
+    seed: int | None = None
+    # Log-probabilities: None computes none; N >= 0 gives each generated token's own and
+    # the N likeliest alternatives at its position (``GenerationDelta.logprobs``).
+    logprobs: int | None = None
+    # The same for the prompt's tokens (``GenerationDelta.prompt_logprobs``, once).
+    prompt_logprobs: int | None = None
+    # (token ID, bias) pairs added to the logits before sampling, as OpenAI's logit_bias.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None or self.prompt_logprobs is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +71,43 @@ class LaunchOptions:
 
 @dataclass(slots=True)
 class PreparedRequest:
-    """A tokenized, validated request, ready for ``Engine.generate``."""
+    """A tokenized, validated request, ready for ``Engine.generate``.
+
+    One prepared request may be generated from several times (a request for ``n``
+    completions of one prompt), each time with its own sampling options.
+    """
 
     prompt_tokens: int
     sampling: SamplingOptions
     engine_input: Any = field(repr=False)
     adapter: str | None = None
+    # The prompt's token IDs as the model sees them (special tokens and image tokens included).
+    prompt_token_ids: Sequence[int] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One of the likeliest tokens at a position."""
+
+    token_id: int
+    token: str  # the token's text, decoded alone
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token the sequence holds, with its log-probability given the tokens before it.
+
+    Log-probabilities are the model's own (log-softmax of its raw logits), before any
+    temperature, penalty or bias changed the sampling distribution: what OpenAI's and
+    vLLM's APIs return.
+    """
+
+    token_id: int
+    token: str
+    logprob: float | None  # None for a prompt's first token, which nothing predicts
+    rank: int | None = None  # 1 for the likeliest token
+    top: tuple[TopLogprob, ...] = ()  # the likeliest tokens at this position, likeliest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +118,12 @@ class GenerationDelta:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
+    # The tokens produced since the previous delta, where the engine reports them.
+    token_ids: tuple[int, ...] = ()
+    # With ``SamplingOptions.logprobs``: one entry per token of ``token_ids``.
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    # With ``SamplingOptions.prompt_logprobs``: one entry per prompt token, on one delta.
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +149,18 @@ class Engine(ABC):
         ...}``, ``{"type": "image"}``) for templates that place images themselves.
         """
 
+    def has_chat_template(self) -> bool:
+        """Whether ``apply_chat_template`` has a template to render with."""
+        return True
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Token IDs -> text, special tokens included, as vLLM echoes a token prompt."""
+        raise NotImplementedError(f"{type(self).__name__} cannot decode tokens")
+
     @abstractmethod
     async def prepare(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         sampling: SamplingOptions,
         *,
         add_special_tokens: bool = True,
@@ -111,6 +169,7 @@ class Engine(ABC):
     ) -> PreparedRequest:
         """Tokenize and validate; raises ``InvalidRequestError`` for what the model refuses.
 
+        ``prompt`` is text, tokenized here, or token IDs, taken as they are.
         ``adapter`` names one of the ``AdapterRef`` the engine was started with; the
         prompt is tokenized by the base model's tokenizer either way. ``images`` go with a
         prompt that already holds one placeholder per image, in order.

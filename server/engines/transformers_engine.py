@@ -55,12 +55,16 @@ CONTEXT_KEYS = ("n_positions", "max_seq_len", "max_position_embeddings")
 
 
 class TransformersEngine(Engine):
-    def __init__(self, model_id: str, tokenizer: Any, worker: BatchWorker, max_model_len: int):
+    def __init__(
+        self, model_id: str, tokenizer: Any, worker: BatchWorker, max_model_len: int, vocab_size: int | None = None
+    ):
         self.model_id = model_id
         self.max_model_len = max_model_len
         self._tokenizer = tokenizer
         self._worker = worker
         self._jobs: dict[str, Job] = {}
+        # Rows of the model's logits: token IDs beyond are refused rather than failing the model call.
+        self._vocab_size = vocab_size or len(tokenizer)
 
     @classmethod
     async def start(
@@ -120,14 +124,23 @@ class TransformersEngine(Engine):
         )
         max_model_len = entry.max_model_len or _context_length(config, tokenizer)
         logger.info("model %s on %s (%s), context %d tokens", model_id, model.device, model.dtype, max_model_len)
-        return cls(model_id, tokenizer, worker, max_model_len)
+        head = model.get_output_embeddings()
+        vocab_size = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+        return cls(model_id, tokenizer, worker, max_model_len, vocab_size)
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
         return render_chat(self._tokenizer, self.model_id, messages)
 
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._tokenizer, "chat_template", None))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        text: str = self._tokenizer.decode(list(token_ids))
+        return text
+
     async def prepare(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         sampling: SamplingOptions,
         *,
         add_special_tokens: bool = True,
@@ -144,15 +157,36 @@ class TransformersEngine(Engine):
                 f"model '{self.model_id}' is served by the transformers engine, which does not serve vision models",
                 param="images",
             )
-        encoded = await asyncio.to_thread(self._tokenizer, prompt, add_special_tokens=add_special_tokens)
-        prompt_ids: list[int] = encoded["input_ids"]
+        if sampling.wants_logprobs:
+            raise InvalidRequestError(
+                f"model '{self.model_id}' is served by the transformers engine, which does not compute "
+                "log-probabilities; models served by vLLM (registry engine: vllm) do",
+                param="logprobs",
+            )
+        self._check_token_ids([token for token, _ in sampling.logit_bias], "logit_bias")
+        if isinstance(prompt, str):
+            encoded = await asyncio.to_thread(self._tokenizer, prompt, add_special_tokens=add_special_tokens)
+            prompt_ids: list[int] = encoded["input_ids"]
+        else:
+            prompt_ids = list(prompt)
+            self._check_token_ids(prompt_ids, "prompt")
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty: the model needs at least one input token", param="prompt")
         return PreparedRequest(
             prompt_tokens=len(prompt_ids),
             sampling=fit_to_context(self.model_id, self.max_model_len, len(prompt_ids), sampling),
             engine_input=prompt_ids,
+            prompt_token_ids=prompt_ids,
         )
+
+    def _check_token_ids(self, token_ids: Sequence[int], param: str) -> None:
+        outside = sorted({token for token in token_ids if not 0 <= token < self._vocab_size})
+        if outside:
+            raise InvalidRequestError(
+                f"token IDs outside the vocabulary of model '{self.model_id}' (0 to {self._vocab_size - 1}): "
+                f"{', '.join(map(str, outside[:5]))}",
+                param=param,
+            )
 
     async def generate(
         self, request: PreparedRequest, request_id: str, *, stream: bool = True

@@ -25,6 +25,8 @@ from server.engines.base import (
     LaunchOptions,
     PreparedRequest,
     SamplingOptions,
+    TokenLogprob,
+    TopLogprob,
 )
 from server.engines.rules import fit_to_context, render_chat
 from server.errors import EngineError, InvalidRequestError, UnavailableError
@@ -163,9 +165,16 @@ class VLLMEngine(Engine):
     def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
         return render_chat(self._llm.get_tokenizer(), self.model_id, messages, self._chat_template)
 
+    def has_chat_template(self) -> bool:
+        return bool(self._chat_template or getattr(self._llm.get_tokenizer(), "chat_template", None))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        text: str = self._llm.get_tokenizer().decode(list(token_ids))
+        return text
+
     async def prepare(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         sampling: SamplingOptions,
         *,
         add_special_tokens: bool = True,
@@ -174,13 +183,18 @@ class VLLMEngine(Engine):
     ) -> PreparedRequest:
         from vllm.exceptions import VLLMValidationError
 
+        self._check_sampling(sampling)
         renderer = self._llm.renderer
         tok_params = dataclasses.replace(renderer.default_cmpl_tok_params, add_special_tokens=add_special_tokens)
-        request: dict[str, Any] = {"prompt": prompt}
+        request: dict[str, Any] = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
         if images:
             # vLLM's processor expands each placeholder into that image's feature tokens.
             request["multi_modal_data"] = {"image": list(images)}
         try:
+            if not isinstance(prompt, str):
+                # vLLM checks token IDs only once the request is in the engine; refused here,
+                # a streaming request still gets its status.
+                renderer.validate_token_ids(list(prompt), parameter="prompt")
             # skip_mm_cache: by default the renderer remembers each processed image as sent
             # to the engine and later sends only its hash. A request refused after
             # rendering (too long for the context, a client gone) never reaches the
@@ -199,13 +213,35 @@ class VLLMEngine(Engine):
             raise InvalidRequestError(
                 f"model '{self.model_id}' cannot take these images with this prompt ({exc})", param="images"
             ) from exc
-        prompt_tokens = len(engine_input["prompt_token_ids"])
+        prompt_token_ids = engine_input["prompt_token_ids"]
+        prompt_tokens = len(prompt_token_ids)
         return PreparedRequest(
             prompt_tokens=prompt_tokens,
             sampling=fit_to_context(self.model_id, self.max_model_len, prompt_tokens, sampling),
             engine_input=engine_input,
             adapter=adapter,
+            prompt_token_ids=prompt_token_ids,
         )
+
+    def _check_sampling(self, sampling: SamplingOptions) -> None:
+        """What vLLM would refuse only once the request is in the engine (after a stream
+        began), refused now while the status can still say so."""
+        config = self._llm.model_config
+        vocabulary: int = config.get_vocab_size()
+        most = config.max_logprobs if config.max_logprobs >= 0 else vocabulary
+        for name, value in (("logprobs", sampling.logprobs), ("prompt_logprobs", sampling.prompt_logprobs)):
+            if value is not None and value > most:
+                raise InvalidRequestError(
+                    f"model '{self.model_id}' returns at most {most} log-probabilities a token; {value} were asked for",
+                    param=name,
+                )
+        outside = sorted(token for token, _ in sampling.logit_bias if not 0 <= token < vocabulary)
+        if outside:
+            raise InvalidRequestError(
+                f"logit_bias names token IDs outside the vocabulary of model '{self.model_id}' "
+                f"(0 to {vocabulary - 1}): {', '.join(map(str, outside[:5]))}",
+                param="logit_bias",
+            )
 
     @staticmethod
     def _sampling_params(options: SamplingOptions, *, stream: bool) -> Any:
@@ -220,6 +256,10 @@ class VLLMEngine(Engine):
             presence_penalty=options.presence_penalty,
             frequency_penalty=options.frequency_penalty,
             stop=list(options.stop) or None,
+            seed=options.seed,
+            logprobs=options.logprobs,
+            prompt_logprobs=options.prompt_logprobs,
+            logit_bias=dict(options.logit_bias) or None,
             # Non-streaming requests get one output at the end, as in vLLM's own server:
             # no per-token detokenized outputs to build and hand across the event loop.
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
@@ -231,21 +271,38 @@ class VLLMEngine(Engine):
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        params = self._sampling_params(request.sampling, stream=stream)
+        options = request.sampling
+        params = self._sampling_params(options, stream=stream)
         lora = self._loras[request.adapter] if request.adapter is not None else None
         completion_tokens = 0
+        prompt_logprobs_sent = options.prompt_logprobs is None
         try:
+            # A copy of the input: one prepared request may be generated from more than once.
             async with aclosing(
-                self._llm.generate(request.engine_input, params, request_id, lora_request=lora)
+                self._llm.generate(dict(request.engine_input), params, request_id, lora_request=lora)
             ) as outputs:
                 async for output in outputs:
                     step = output.outputs[0]
                     completion_tokens += len(step.token_ids)
+                    token_ids = tuple(step.token_ids)
+                    prompt_logprobs = None
+                    if not prompt_logprobs_sent and output.prompt_logprobs:
+                        prompt_logprobs = self._logprobs(
+                            output.prompt_token_ids, output.prompt_logprobs, options.prompt_logprobs
+                        )
+                        prompt_logprobs_sent = True
                     yield GenerationDelta(
                         text=step.text,
                         prompt_tokens=request.prompt_tokens,
                         completion_tokens=completion_tokens,
                         finish_reason=step.finish_reason if output.finished else None,
+                        token_ids=token_ids,
+                        logprobs=(
+                            None
+                            if options.logprobs is None
+                            else self._logprobs(token_ids, step.logprobs or (), options.logprobs)
+                        ),
+                        prompt_logprobs=prompt_logprobs,
                     )
         except EngineDeadError as exc:
             raise UnavailableError(
@@ -262,6 +319,36 @@ class VLLMEngine(Engine):
                 f"the engine serving model '{self.model_id}' failed on this request "
                 f"({type(exc.__cause__ or exc).__name__}); the server log has the details under {request_id}"
             ) from exc
+
+    def _logprobs(self, token_ids: Sequence[int], positions: Any, top: int | None) -> tuple[TokenLogprob, ...]:
+        """vLLM's per-position ``{token ID: Logprob}`` (the chosen token and the ``top``
+        likeliest, each with its rank) -> one ``TokenLogprob`` per token. A position
+        without any (a prompt's first token) gets its token's text alone."""
+        tokenizer = self._llm.get_tokenizer()
+        entries = []
+        for index, token_id in enumerate(token_ids):
+            candidates: dict[int, Any] = (positions[index] if index < len(positions) else None) or {}
+            chosen = candidates.get(token_id)
+            if chosen is None:
+                entries.append(TokenLogprob(token_id, tokenizer.decode([token_id]), None))
+                continue
+            likeliest = sorted(
+                (item for item in candidates.items() if item[1].rank is not None and item[1].rank <= (top or 0)),
+                key=lambda item: item[1].rank,
+            )
+            entries.append(
+                TokenLogprob(
+                    token_id=token_id,
+                    token=_token_text(chosen, token_id, tokenizer),
+                    logprob=chosen.logprob,
+                    rank=chosen.rank,
+                    top=tuple(
+                        TopLogprob(other, _token_text(logprob, other, tokenizer), logprob.logprob)
+                        for other, logprob in likeliest
+                    ),
+                )
+            )
+        return tuple(entries)
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
@@ -288,6 +375,14 @@ class VLLMEngine(Engine):
 
     async def wake_up(self) -> None:
         await self._llm.wake_up()
+
+
+def _token_text(logprob: Any, token_id: int, tokenizer: Any) -> str:
+    """The token's text as vLLM's OpenAI server shows it: decoded alone, leading space kept."""
+    decoded = logprob.decoded_token
+    if decoded is None:
+        decoded = tokenizer.decode([token_id])
+    return str(decoded)
 
 
 def _vision_chat_template(llm: Any) -> str | None:

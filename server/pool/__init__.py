@@ -6,11 +6,13 @@ an ``Engine``), so the engine types it needs are re-exported here.
 
 from server.engines import Engine, GenerationDelta, PreparedRequest, SamplingOptions
 from server.pool.memory import discover_devices
-from server.pool.pool import EnginePool, Lease, ModelState, ModelStatus
+from server.pool.pool import ENGINE_STARTERS, EnginePool, EngineStarter, Lease, ModelState, ModelStatus
 
 __all__ = [
+    "ENGINE_STARTERS",
     "Engine",
     "EnginePool",
+    "EngineStarter",
     "GenerationDelta",
     "Lease",
     "ModelState",

@@ -37,13 +37,14 @@ import gc
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.engines.base import AdapterRef, Engine, LaunchOptions
 from server.errors import ModelNotFoundError, UnavailableError
 from server.pool.admission import AdmissionGate
+from server.pool.eviction import Resident, pick_victim
 from server.pool.memory import memory_need
 from server.pool.placement import Device, DevicePlanner, Placement
 from server.registry import ModelEntry, RegisteredModel, Registry
@@ -125,11 +126,38 @@ class ModelStatus:
 
 
 class _Slot:
-    """Everything the pool knows about one engine-backed model."""
+    """Everything the pool knows about one engine-backed model.
 
-    def __init__(self, registered: RegisteredModel, now: float):
+    Its fields change only through the methods below; each asserts that its transition
+    is one the pool makes:
+
+    ==================== ================================= =================================
+    method               from                              to
+    ==================== ================================= =================================
+    mark_loading         NOT_LOADED, SLEEPING, FAILED,     LOADING (a sleeping engine stays,
+                         LOADING (again, under the lock)   to be woken)
+    mark_ready           LOADING                           READY, with its engine
+    mark_load_deferred   LOADING (no room right now)       SLEEPING with an engine, else
+                                                           NOT_LOADED
+    mark_sleeping        READY                             SLEEPING, keeping the engine
+    mark_failed          LOADING, READY, SLEEPING, FAILED  FAILED, with the back-off
+    mark_unloaded        LOADING, READY, SLEEPING, FAILED  NOT_LOADED, or FAILED from
+                         (any with an engine)              LOADING or FAILED; no engine
+    ==================== ================================= =================================
+
+    ``mark_unloaded`` leaves LOADING when a wake fails, at shutdown, and when an eviction
+    that began before a request asked for the model again ends by unloading it (the
+    request's load waits for it on the start lock, then starts a fresh engine). An
+    engine that stops serving (sleeps, is unloaded or dies) forgives past failures if it
+    served for ``HEALTHY_SECONDS``. Where its engine runs (``placement``) is kept beside
+    the state: memory is handed back only once an engine has shut down, so an unloaded
+    model may still hold its placement for a moment.
+    """
+
+    def __init__(self, registered: RegisteredModel, clock: Callable[[], float]):
         entry = registered.entry
         self.registered = registered
+        self._clock = clock
         self.state = ModelState.NOT_LOADED
         self.engine: Engine | None = None
         self.placement: Placement | None = None
@@ -141,15 +169,108 @@ class _Slot:
         self.load_task: asyncio.Task[Engine] | None = None
         self.gate = AdmissionGate(registered.model_id, max_running=entry.max_running, max_queued=entry.max_queued)
         self.holders = 0  # requests holding or waiting for this engine
-        self.last_used = now
+        self.last_used = clock()
 
     @property
     def model_id(self) -> str:
         return self.registered.model_id
 
+    def resident(self) -> Resident:
+        """What eviction decides by (``server.pool.eviction``)."""
+        return Resident(
+            model_id=self.model_id,
+            ready=self.state is ModelState.READY,
+            pinned=self.registered.entry.pinned,
+            holders=self.holders,
+            last_used=self.last_used,
+        )
+
     @property
     def evictable(self) -> bool:
-        return self.state is ModelState.READY and self.holders == 0 and not self.registered.entry.pinned
+        return self.resident().evictable
+
+    # ----- requests holding the engine -------------------------------------------------
+
+    def hold(self) -> None:
+        """A request holds (or waits for) the engine: it is not evicted meanwhile."""
+        self.holders += 1
+
+    def let_go(self) -> None:
+        """A request holds the engine no more; the model counts as used now."""
+        assert self.holders > 0, f"model {self.model_id}: let go more often than held"
+        self.holders -= 1
+        self.last_used = self._clock()
+
+    # ----- where the engine runs -------------------------------------------------------
+
+    def set_placement(self, placement: Placement) -> None:
+        self.placement = placement
+
+    def clear_placement(self) -> None:
+        self.placement = None
+
+    # ----- state transitions (see the class docstring) ---------------------------------
+
+    def _expect(self, transition: str, *allowed: ModelState) -> None:
+        assert self.state in allowed, f"model {self.model_id}: {transition} from {self.state.value}"
+
+    def mark_loading(self) -> None:
+        self._expect("mark_loading", ModelState.NOT_LOADED, ModelState.SLEEPING, ModelState.FAILED, ModelState.LOADING)
+        self.state = ModelState.LOADING
+
+    def mark_ready(self, engine: Engine, *, loading_since: float) -> None:
+        """``engine`` serves, loaded (or woken) since ``loading_since``; past errors are cleared."""
+        self._expect("mark_ready", ModelState.LOADING)
+        assert self.engine is None or self.engine is engine, f"model {self.model_id}: ready with another engine"
+        self.engine, self.state, self.error = engine, ModelState.READY, None
+        self.ready_at = self.last_used = self._clock()
+        self.load_seconds = self.ready_at - loading_since
+
+    def mark_load_deferred(self) -> None:
+        """A load found no room now: back to asleep (an engine is there) or not loaded.
+
+        Not a failure of the model: nothing to back off from.
+        """
+        self._expect("mark_load_deferred", ModelState.LOADING)
+        self.state = ModelState.SLEEPING if self.engine is not None else ModelState.NOT_LOADED
+
+    def mark_sleeping(self) -> None:
+        """The engine is being put to sleep; it stays, to be woken."""
+        self._expect("mark_sleeping", ModelState.READY)
+        assert self.engine is not None, f"model {self.model_id}: asleep without an engine"
+        self._end_service()
+        self.state = ModelState.SLEEPING
+
+    def mark_failed(self, error: str) -> None:
+        """Failed with the public ``error``; the back-off grows with failures in a row."""
+        self._expect("mark_failed", ModelState.LOADING, ModelState.READY, ModelState.SLEEPING, ModelState.FAILED)
+        self._end_service()
+        self.failures += 1
+        backoff = _backoff(self.failures)
+        self.state, self.error, self.retry_at = ModelState.FAILED, error, self._clock() + backoff
+        logger.error(
+            "model %s %s (failure %d in a row; next try in %.0f s)", self.model_id, error, self.failures, backoff
+        )
+
+    def mark_unloaded(self, *, failed: bool = False) -> Engine:
+        """The engine leaves the slot, to be shut down by the caller: NOT_LOADED, or
+        FAILED (``failed``) for an engine that died or failed to wake. Its placement
+        stays until the caller has shut it down (``clear_placement``)."""
+        if failed:
+            self._expect("mark_unloaded(failed=True)", ModelState.LOADING, ModelState.FAILED)
+        else:
+            self._expect("mark_unloaded", ModelState.LOADING, ModelState.READY, ModelState.SLEEPING, ModelState.FAILED)
+        engine = self.engine
+        assert engine is not None, f"model {self.model_id}: unloaded without an engine"
+        self._end_service()
+        self.engine, self.state = None, ModelState.FAILED if failed else ModelState.NOT_LOADED
+        return engine
+
+    def _end_service(self) -> None:
+        """The engine stops serving: if it served long enough, past failures are forgiven."""
+        if self.ready_at is not None and self._clock() - self.ready_at >= HEALTHY_SECONDS:
+            self.failures = 0
+        self.ready_at = None
 
 
 class Lease:
@@ -179,7 +300,7 @@ class EnginePool:
         load_timeout: float = 900.0,
         keep_alive: float | None = None,
         sleep_mode: bool = False,
-        starters: dict[str, EngineStarter] | None = None,
+        starters: Mapping[str, EngineStarter] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self._registry = registry
@@ -190,9 +311,9 @@ class EnginePool:
         self._load_timeout = load_timeout
         self._keep_alive = keep_alive
         self._sleep_mode = sleep_mode
-        self._starters = starters or ENGINE_STARTERS
+        self._starters: Mapping[str, EngineStarter] = starters or ENGINE_STARTERS
         # Adapters get no slot: they are served by their base's engine.
-        self._slots = {m.model_id: _Slot(m, clock()) for m in registry if not m.entry.is_adapter}
+        self._slots = {m.model_id: _Slot(m, clock) for m in registry if not m.entry.is_adapter}
         self._adapters: dict[str, list[RegisteredModel]] = {}
         for m in registry:
             if m.entry.base is not None:
@@ -218,7 +339,7 @@ class EnginePool:
             )
         if registered is None:
             raise ModelNotFoundError(
-                f"model '{name}' is not in the registry; GET /v4/models lists the models this "
+                f"model '{name}' is not in the registry; GET /v4/models (or /v1/models) lists the models this "
                 "server can serve, and an operator can add one with --registry FILE",
                 param="model",
             )
@@ -238,7 +359,7 @@ class EnginePool:
         """
         registered = self.lookup(name)
         slot = self._slot_of(registered)
-        slot.holders += 1
+        slot.hold()
         try:
             engine = await self._ready_engine(slot)
             adapter_error = self._adapter_errors.get(registered.model_id)
@@ -246,15 +367,13 @@ class EnginePool:
                 raise UnavailableError(f"LoRA adapter '{registered.model_id}' {adapter_error}")
             started = await slot.gate.enter()
         except BaseException:
-            slot.holders -= 1
-            slot.last_used = self._clock()
+            slot.let_go()
             raise
         return Lease(self, slot, engine, started)
 
     def _release(self, slot: _Slot, started: float) -> None:
         slot.gate.leave(started)
-        slot.holders -= 1
-        slot.last_used = self._clock()
+        slot.let_go()
 
     async def _ready_engine(self, slot: _Slot) -> Engine:
         engine = slot.engine
@@ -280,7 +399,7 @@ class EnginePool:
 
     async def _load(self, slot: _Slot) -> Engine:
         model_id = slot.model_id
-        slot.state = ModelState.LOADING
+        slot.mark_loading()
         started = self._clock()
         waking = False
         try:
@@ -289,24 +408,21 @@ class EnginePool:
                 # sleep or unloading it. An engine still here is asleep (a dead one is
                 # unloaded before a load is started).
                 waking = slot.engine is not None
-                slot.state = ModelState.LOADING
+                slot.mark_loading()
                 engine = await (self._wake(slot) if waking else self._start(slot))
         except UnavailableError:
-            # Not enough room right now is not a failure of the model: nothing to back off.
-            slot.state = ModelState.SLEEPING if slot.engine is not None else ModelState.NOT_LOADED
+            slot.mark_load_deferred()
             raise
         except Exception as exc:
             what = "failed to wake from sleep" if waking else "failed to load"
             logger.error("model %s %s", model_id, what, exc_info=exc)
-            self._failed(slot, f"{what} ({_public_reason(exc)})")
+            slot.mark_failed(f"{what} ({_public_reason(exc)})")
             raise UnavailableError(
                 f"model '{model_id}' {slot.error}", retry_after=max(1.0, slot.retry_at - self._clock())
             ) from exc
         finally:
             slot.load_task = None
-        slot.engine, slot.state, slot.error = engine, ModelState.READY, None
-        slot.ready_at = slot.last_used = self._clock()
-        slot.load_seconds = slot.ready_at - started
+        slot.mark_ready(engine, loading_since=started)
         logger.info("model %s ready in %.1f s", model_id, slot.load_seconds)
         _freeze_gc_heap()
         return engine
@@ -318,10 +434,11 @@ class EnginePool:
         adapters = await asyncio.to_thread(self._resolve_adapters, model_id)
         launch = LaunchOptions(enable_sleep=self._sleep_mode)
         if self._planner is not None:
-            slot.placement = await self._make_room(slot, weights)
+            placement = await self._make_room(slot, weights)
+            slot.set_placement(placement)
             launch = LaunchOptions(
-                visible_devices=slot.placement.visible_devices,
-                memory_share=slot.placement.memory_share,
+                visible_devices=placement.visible_devices,
+                memory_share=placement.memory_share,
                 enable_sleep=self._sleep_mode,
             )
         logger.info("loading model %s from %s (%s engine)", model_id, weights, entry.engine)
@@ -344,7 +461,7 @@ class EnginePool:
         except Exception:
             # Half awake is no state to serve from: the engine goes, with its memory,
             # and the next request after the back-off starts a fresh one.
-            await self._unload(slot, ModelState.FAILED)
+            await self._unload(slot, failed=True)
             raise
         return engine
 
@@ -364,17 +481,15 @@ class EnginePool:
                 "memory budget (--memory-budget) offers"
             )
         while (placement := self._planner.place(slot.model_id, need, tp, on=on)) is None:
-            victims = sorted(
-                (s for s in self._slots.values() if s is not slot and s.evictable), key=lambda s: s.last_used
-            )
-            if not victims:
+            victim = pick_victim((s.resident() for s in self._slots.values()), making_room_for=slot.model_id)
+            if victim is None:
                 busy = ", ".join(s.model_id for s in self._slots.values() if s.placement is not None and s is not slot)
                 raise UnavailableError(
                     f"model '{slot.model_id}' does not fit beside the models serving requests "
                     f"now ({busy}); retry when they are idle",
                     retry_after=10,
                 )
-            await self._evict(victims[0], reason=f"to make room for {slot.model_id}")
+            await self._evict(self._slots[victim], reason=f"to make room for {slot.model_id}")
         return placement
 
     async def _evict(self, slot: _Slot, *, reason: str) -> None:
@@ -384,28 +499,29 @@ class EnginePool:
         """
         engine = slot.engine
         assert engine is not None
-        self._end_of_service(slot)
         if self._sleep_mode and engine.supports_sleep:
             logger.info("putting model %s to sleep %s", slot.model_id, reason)
-            slot.state = ModelState.SLEEPING
+            slot.mark_sleeping()
             try:
                 await engine.sleep()
             except Exception:
                 logger.exception("model %s failed to go to sleep; unloading it instead", slot.model_id)
-                await self._unload(slot, ModelState.NOT_LOADED)
+                await self._unload(slot)
                 return
             if self._planner is not None:
                 self._planner.release(slot.model_id)  # the devices stay recorded in slot.placement
             return
         logger.info("unloading model %s %s", slot.model_id, reason)
-        await self._unload(slot, ModelState.NOT_LOADED)
+        await self._unload(slot)
 
-    async def _unload(self, slot: _Slot, state: ModelState) -> None:
-        """Shut ``slot``'s engine down, then hand its memory back; the caller holds the start lock."""
-        engine, slot.engine, slot.state = slot.engine, None, state
+    async def _unload(self, slot: _Slot, *, failed: bool = False) -> None:
+        """Shut ``slot``'s engine down, then hand its memory back; the caller holds the start lock.
+
+        ``failed``: the model stays failed (its engine died or failed to wake).
+        """
+        engine = slot.mark_unloaded(failed=failed)
         try:
-            if engine is not None:
-                await engine.shutdown()
+            await engine.shutdown()
         except Exception:
             logger.exception("shutting down model %s failed", slot.model_id)
         finally:
@@ -414,22 +530,7 @@ class EnginePool:
     def _free_placement(self, slot: _Slot) -> None:
         if self._planner is not None:
             self._planner.release(slot.model_id)
-        slot.placement = None
-
-    def _failed(self, slot: _Slot, error: str) -> None:
-        """Mark ``slot`` failed with the public ``error``, and set its back-off."""
-        slot.failures += 1
-        backoff = _backoff(slot.failures)
-        slot.state, slot.error, slot.retry_at = ModelState.FAILED, error, self._clock() + backoff
-        logger.error(
-            "model %s %s (failure %d in a row; next try in %.0f s)", slot.model_id, error, slot.failures, backoff
-        )
-
-    def _end_of_service(self, slot: _Slot) -> None:
-        """``slot``'s engine stops serving: if it served long enough, past failures are forgiven."""
-        if slot.ready_at is not None and self._clock() - slot.ready_at >= HEALTHY_SECONDS:
-            slot.failures = 0
-        slot.ready_at = None
+        slot.clear_placement()
 
     async def _engine_died(self, slot: _Slot, engine: Engine) -> None:
         """Fail the model at once, then shut the dead ``engine`` down under the start lock.
@@ -438,11 +539,10 @@ class EnginePool:
         and only the one that still finds ``engine`` on the slot unloads it.
         """
         if slot.state is not ModelState.FAILED:
-            self._end_of_service(slot)
-            self._failed(slot, "failed: its engine process died")
+            slot.mark_failed("failed: its engine process died")
         async with self._start_lock:
             if slot.engine is engine:
-                await self._unload(slot, ModelState.FAILED)
+                await self._unload(slot, failed=True)
 
     def _resolve_adapters(self, base_id: str) -> list[AdapterRef]:
         """The adapters on ``base_id``, their weights made present; blocks (may download).
@@ -560,7 +660,7 @@ class EnginePool:
             for slot in self._slots.values():
                 if slot.engine is not None:
                     logger.info("shutting down model %s", slot.model_id)
-                    await self._unload(slot, ModelState.NOT_LOADED)
+                    await self._unload(slot)
 
 
 def _backoff(failures: int) -> float:

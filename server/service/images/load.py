@@ -34,20 +34,26 @@ async def read_images(
     policy: ImagePolicy,
     *,
     max_images: int,
+    params: Sequence[str] | None = None,
+    count_param: str = "images",
     resolve: Resolver = system_resolve,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> list[EncodedImage]:
-    """``resolve`` and ``transport`` replace DNS and the network, for tests; callers leave them."""
+    """``params`` name each image in errors (default ``images[i].image_url``), and
+    ``count_param`` what holds them all. ``resolve`` and ``transport`` replace DNS and the
+    network, for tests; callers leave them."""
     if len(images) > max_images:
         raise InvalidRequestError(
-            f"this model accepts at most {max_images} image(s) per request; {len(images)} were sent", param="images"
+            f"this model accepts at most {max_images} image(s) per request; {len(images)} were sent",
+            param=count_param,
         )
+    names = list(params) if params is not None else [_param(index) for index in range(len(images))]
     # trust_env=False: a proxy from the environment would connect where the guard never looked.
     async with httpx.AsyncClient(
         transport=transport, verify=_tls(), trust_env=False, timeout=policy.fetch_timeout
     ) as client:
         reads = [
-            asyncio.ensure_future(_read(image.image_url, client, policy, resolve, _param(index)))
+            asyncio.ensure_future(_read(image.image_url, client, policy, resolve, names[index]))
             for index, image in enumerate(images)
         ]
         try:
@@ -55,14 +61,14 @@ async def read_images(
         except asyncio.TimeoutError:
             raise InvalidRequestError(
                 f"reading the request's images took longer than this server's {policy.fetch_timeout:g} s limit",
-                param="images",
+                param=count_param,
             ) from None
         finally:
             for read in reads:
                 read.cancel()
             await asyncio.gather(*reads, return_exceptions=True)
     return await asyncio.gather(
-        *(asyncio.to_thread(inspect_image, data, policy, param=_param(index)) for index, data in enumerate(payloads))
+        *(asyncio.to_thread(inspect_image, data, policy, param=names[index]) for index, data in enumerate(payloads))
     )
 
 

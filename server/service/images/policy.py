@@ -16,7 +16,6 @@ from PIL import Image
 from server.errors import PayloadTooLargeError
 from server.settings import Settings
 
-
 # The declared defaults, without the environment: ``Settings`` is their one source.
 _DEFAULTS = Settings.model_construct()
 
