@@ -31,6 +31,8 @@ from server.protocol.v4 import (
     Readiness,
     RequestModel,
 )
+from server.service import PendingCompletion
+from server.service.chat import PendingChat
 from server.weights import BUILTIN_PREFIX, local_dir
 
 logger = logging.getLogger(__name__)
@@ -66,15 +68,7 @@ async def create_completion(
 ) -> Response:
     log_ignored_fields(body, "POST /v4/completions")
     pending = await state.service.prepare(body, caller.usage_account(body.account_id))
-    if body.stream:
-        return EventStreamResponse(sse_events(pending.chunks()), on_close=pending.close)
-    try:
-        result = await cancel_on_disconnect(request, pending.result())
-    finally:
-        pending.close()
-    if result is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return Response(result.model_dump_json(), media_type="application/json")
+    return await _answer(request, pending, stream=body.stream)
 
 
 CHAT_COMPLETION_RESPONSES = {
@@ -103,7 +97,13 @@ async def create_chat_completion(
     `chat_template`) renders the messages, and the model continues as `/v4/completions` does."""
     log_ignored_fields(body, "POST /v4/chat-completions")
     pending = await state.chat.prepare(body, caller.usage_account(body.account_id))
-    if body.stream:
+    return await _answer(request, pending, stream=body.stream)
+
+
+async def _answer(request: Request, pending: PendingCompletion | PendingChat, *, stream: bool) -> Response:
+    """A prepared v4 request's answer: server-sent events, or one JSON body unless the
+    client leaves first (then 499, and the engine request is aborted)."""
+    if stream:
         return EventStreamResponse(sse_events(pending.chunks()), on_close=pending.close)
     try:
         result = await cancel_on_disconnect(request, pending.result())

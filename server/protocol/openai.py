@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.protocol.v4 import MAX_ENGINE_INT
+from server.protocol.v4 import MAX_ENGINE_INT, Text, encodable
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -27,16 +27,6 @@ MAX_STOP = 64
 PROMPT_SHAPES = "a string, a list of strings, a list of token IDs or a list of token-ID lists"
 
 
-def _encodable(value: str) -> str:
-    # JSON may carry lone surrogates ("\ud800") that no tokenizer can encode.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"must be valid Unicode text (unpaired surrogate at position {exc.start})") from None
-    return value
-
-
-Text = Annotated[str, AfterValidator(_encodable)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_ENGINE_INT)]
 
 
@@ -107,7 +97,7 @@ class _Request(BaseModel):
         for item in items:
             if not item:
                 raise ValueError("stop sequences must not be empty strings")
-            _encodable(item)
+            encodable(item)
         return value
 
     def unsupported_fields(self) -> list[str]:
@@ -156,7 +146,7 @@ class TextCompletionRequest(_Request):
         if isinstance(value, str):
             if not value:
                 raise ValueError("must not be empty")
-            return _encodable(value)
+            return encodable(value)
         if not isinstance(value, list) or not value:
             raise ValueError(f"must be {PROMPT_SHAPES}, and not empty")
         if len(value) > MAX_PROMPTS and not all(_is_token_id(item) for item in value):
@@ -166,7 +156,7 @@ class TextCompletionRequest(_Request):
                 if not item:
                     raise ValueError(f"prompt {index} is empty")
                 try:
-                    _encodable(item)
+                    encodable(item)
                 except ValueError as exc:
                     raise ValueError(f"prompt {index} {exc}") from None
             return value

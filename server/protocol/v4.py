@@ -34,7 +34,7 @@ DEFAULT_TEMPERATURE = 0.2
 MAX_ENGINE_INT = 2**31 - 1
 
 
-def _encodable(value: str) -> str:
+def encodable(value: str) -> str:
     # JSON may carry lone surrogates ("\ud800") that no tokenizer or engine can encode;
     # refusing them here gives a 422 naming the field instead of an engine failure.
     try:
@@ -44,7 +44,7 @@ def _encodable(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_encodable)]
+Text = Annotated[str, AfterValidator(encodable)]
 
 
 class RequestModel(BaseModel):
