@@ -131,7 +131,7 @@ def start_server(
     api_keys: str | None = API_KEYS,
     extra_args: Sequence[str] = (),
     extra_env: dict[str, str] | None = None,
-    ready_timeout: float = 300.0,
+    ready_timeout: float = 900.0,
     wait_path: str = "/readyz",
 ) -> RunningServer:
     """``v4serve serve`` on a free port with the test home, ready at ``wait_path``.

@@ -22,7 +22,7 @@ GREEDY = {"temperature": 0.0}
 
 @pytest.fixture(scope="module")
 def client(server: RunningServer) -> SGPClient:
-    return SGPClient(api_key=API_KEY, base_url=server.base_url, max_retries=0, timeout=120)
+    return SGPClient(api_key=API_KEY, base_url=server.base_url, max_retries=0, timeout=600)
 
 
 def stream_text(client: SGPClient, **kwargs) -> tuple[str, list[dict]]:
@@ -159,7 +159,7 @@ def test_chat_prompt_format_uses_the_chat_template(client: SGPClient, tokenizer)
 
 
 async def test_async_client_and_concurrent_requests(server: RunningServer) -> None:
-    async with AsyncSGPClient(api_key=API_KEY, base_url=server.base_url, max_retries=0, timeout=120) as client:
+    async with AsyncSGPClient(api_key=API_KEY, base_url=server.base_url, max_retries=0, timeout=600) as client:
         params = {**GREEDY, "max_tokens": 16}
         results = await asyncio.gather(
             *(client.completions.create(model="tiny-llama", prompt=PROMPT, model_parameters=params) for _ in range(8))

@@ -38,6 +38,15 @@ def aborted_token_counts(server: RunningServer) -> list[int]:
     return [int(m) for m in re.findall(r"completion_tokens=(\d+) aborted: the client went away", server.log())]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def long_model_loaded(server: RunningServer) -> None:
+    """Load the long-context model first, with time to spare: on a loaded machine an engine
+    start can take minutes, which the tests' own client timeouts must not have to cover."""
+    body = {"model": MODEL, "prompt": "Hello", "model_parameters": {"max_tokens": 1}}
+    with httpx.Client(base_url=server.base_url, headers={"x-api-key": API_KEY}, timeout=900) as http:
+        assert http.post("/v4/completions", json=body).status_code == 200
+
+
 def wait_for_aborts(server: RunningServer, count: int, timeout: float = 10) -> list[int]:
     """The aborted requests' token counts once ``count`` are logged (the log line follows the abort)."""
     deadline = time.monotonic() + timeout

@@ -39,7 +39,8 @@ def complete(server: RunningServer, model: str, params: dict = SHORT) -> httpx.R
         server.base_url + "/v4/completions",
         json={"model": model, "prompt": "Hello", "model_parameters": params},
         headers={"x-api-key": API_KEY},
-        timeout=120,
+        # Generous: a loaded CI machine can take minutes to start an engine.
+        timeout=900,
     )
 
 
@@ -48,7 +49,7 @@ def state(server: RunningServer, model: str) -> dict:
         return next(m for m in http.get("/v4/models").json()["models"] if m["id"] == model)
 
 
-def wait_until_ready(server: RunningServer, model: str, timeout: float = 180) -> None:
+def wait_until_ready(server: RunningServer, model: str, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while state(server, model)["state"] != "ready":
         assert time.monotonic() < deadline, f"{model} never became ready: {state(server, model)}"

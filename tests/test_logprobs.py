@@ -88,7 +88,7 @@ def reference(server: RunningServer) -> Iterator[Reference]:
 
 @pytest.fixture(scope="module")
 def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(api_key=API_KEY, base_url=f"{server.base_url}/v1", max_retries=0, timeout=120)
+    return openai.OpenAI(api_key=API_KEY, base_url=f"{server.base_url}/v1", max_retries=0, timeout=600)
 
 
 def top_ids(reference: Reference, row: Any, count: int = TOP) -> list[int]:

@@ -43,7 +43,7 @@ def lora_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSer
 
 @pytest.fixture(scope="module")
 def client(lora_server: RunningServer) -> SGPClient:
-    return SGPClient(api_key=API_KEY, base_url=lora_server.base_url, max_retries=0, timeout=120)
+    return SGPClient(api_key=API_KEY, base_url=lora_server.base_url, max_retries=0, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ MESSAGES: list[Any] = [{"role": "system", "content": "You answer briefly."}, {"r
 
 @pytest.fixture(scope="module")
 def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(api_key=API_KEY, base_url=f"{server.base_url}/v1", max_retries=0, timeout=120)
+    return openai.OpenAI(api_key=API_KEY, base_url=f"{server.base_url}/v1", max_retries=0, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_a_stream_equals_the_whole_answer_and_ends_with_usage(client: openai.Ope
 
 def test_the_async_client_serves_concurrent_requests(server: RunningServer) -> None:
     async def run() -> list[str]:
-        client = openai.AsyncOpenAI(api_key=API_KEY, base_url=f"{server.base_url}/v1", max_retries=0, timeout=120)
+        client = openai.AsyncOpenAI(api_key=API_KEY, base_url=f"{server.base_url}/v1", max_retries=0, timeout=600)
         async with client:
             completions = await asyncio.gather(
                 *(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0) for _ in range(6))

@@ -41,7 +41,7 @@ def send(case: schemathesis.Case) -> None:
         params = case.body.get("model_parameters")
         if isinstance(params, dict) and isinstance(params.get("max_tokens"), int) and params["max_tokens"] > 16:
             params["max_tokens"] = 16
-    response = case.call(headers={"x-api-key": API_KEY}, timeout=120)
+    response = case.call(headers={"x-api-key": API_KEY}, timeout=600)
     case.validate_response(response, checks=[not_a_server_error])
 
 

@@ -62,7 +62,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def client(served: Served) -> SGPClient:
-    return SGPClient(api_key=API_KEY, base_url=served.server.base_url, max_retries=0, timeout=120)
+    return SGPClient(api_key=API_KEY, base_url=served.server.base_url, max_retries=0, timeout=600)
 
 
 @pytest.fixture(scope="module")

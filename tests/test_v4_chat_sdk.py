@@ -30,7 +30,7 @@ HELLO = [{"role": "user", "content": "The quick brown fox"}]
 
 @pytest.fixture(scope="module")
 def client(server: RunningServer) -> SGPClient:
-    return SGPClient(api_key=API_KEY, base_url=server.base_url, max_retries=0, timeout=120)
+    return SGPClient(api_key=API_KEY, base_url=server.base_url, max_retries=0, timeout=600)
 
 
 @pytest.fixture(scope="module")

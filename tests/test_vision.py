@@ -87,7 +87,7 @@ def vision_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
 
 @pytest.fixture(scope="module")
 def client(vision_server: RunningServer) -> SGPClient:
-    return SGPClient(api_key=API_KEY, base_url=vision_server.base_url, max_retries=0, timeout=120)
+    return SGPClient(api_key=API_KEY, base_url=vision_server.base_url, max_retries=0, timeout=600)
 
 
 def complete(client: SGPClient, urls: Sequence[str], prompt: str = PROMPT, model: str = MODEL) -> dict[str, Any]:
