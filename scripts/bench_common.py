@@ -294,6 +294,18 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total
 
 
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of ``pid``'s main thread so far: how often it slept and woke."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def own_cpu_seconds() -> float:
     """User + system CPU seconds of this process, all its threads."""
     import resource
@@ -755,6 +767,8 @@ class RoundStats:
     client_us_per_token: float = math.nan
     api_us_per_token: float = math.nan
     engine_us_per_token: float = math.nan
+    # Times the server's API process (its event loop thread) woke up, per output token.
+    api_wakeups_per_token: float = math.nan
     first_error: str | None = None
 
 

@@ -66,6 +66,7 @@ from bench_common import (
     spread,
     summarize_round,
     supports,
+    wakeups,
 )
 
 Cell = tuple[str, str, int]  # client, mode, concurrency
@@ -214,13 +215,16 @@ class Bench:
         try:
             run_load(client, warmup)
             cpu0 = (own_cpu_seconds(), cpu_seconds(api), cpu_seconds(engine))
+            woke0 = wakeups(api[0])
             records, wall = run_load(client, load)
             cpu1 = (own_cpu_seconds(), cpu_seconds(api), cpu_seconds(engine))
+            woke1 = wakeups(api[0])
             server_cpu = cpu1[1] + cpu1[2] - cpu0[1] - cpu0[2]
             stats = summarize_round(records, wall, stream)
             if stats.tokens:
                 per_token = [(b - a) * 1e6 / stats.tokens for a, b in zip(cpu0, cpu1, strict=True)]
                 stats.client_us_per_token, stats.api_us_per_token, stats.engine_us_per_token = per_token
+                stats.api_wakeups_per_token = (woke1 - woke0) / stats.tokens
         except Exception as exc:  # a round never takes the run down
             stats, server_cpu = failed_stats(f"{type(exc).__name__}: {exc}"), math.nan
         self.record(kind, cell, block, background, stats, server_cpu, repeat)
@@ -237,7 +241,8 @@ class Bench:
             f"TTFT p50 {s.ttft_p50_ms:7.1f} ms p99 {s.ttft_p99_ms:7.1f}  TPOT {s.tpot_p50_ms:6.2f} ms  "
             f"end wait {s.end_wait_p50_ms:6.1f} ms  events/req {s.events_per_request:5.0f}  "
             f"cpu us/token client {s.client_us_per_token:5.0f} api {s.api_us_per_token:5.0f} "
-            f"engine {s.engine_us_per_token:6.0f}  background {background:4.2f} cores{note}",
+            f"engine {s.engine_us_per_token:6.0f}  api wakeups/token {s.api_wakeups_per_token:4.2f}  "
+            f"background {background:4.2f} cores{note}",
             flush=True,
         )
 
@@ -298,6 +303,7 @@ METRICS = [  # (field, label, better)
     ("client_us_per_token", "client CPU us/token", "lower"),
     ("api_us_per_token", "API process CPU us/token", "lower"),
     ("engine_us_per_token", "engine CPU us/token", "lower"),
+    ("api_wakeups_per_token", "API process wakeups/token", "lower"),
 ]
 
 
@@ -408,8 +414,8 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: where the CPU went, per output token (medians over rounds)."""
     lines = [
         "| client | mode | c | server | events/req | client us/token | API process us/token "
-        "| engine us/token | vLLM: events/req | client | API process | engine |",
-        "|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| engine us/token | API wakeups/token | vLLM: events/req | client | API process | engine | API wakeups |",
+        "|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         cells = [row["client"], row["mode"], str(row["concurrency"]), row["server"]]
@@ -418,6 +424,7 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
                 _num(row[f"{label}_{field}"][0])
                 for field in ("client_us_per_token", "api_us_per_token", "engine_us_per_token")
             ]
+            cells.append(_num(row[f"{label}_api_wakeups_per_token"][0], 2))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

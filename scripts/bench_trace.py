@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextvars
 import functools
 import json
@@ -290,18 +291,19 @@ def summarize(path: Path) -> str:
         values = [(r[end] - r[start]) * 1e3 for r in records if start in r and end in r]
         if values:
             lines.append(f"| {label} | {_ms(statistics.median(values))} | {_ms(_pct(values, 90))} |")
-    per_send = [
-        (s - o) * 1e3
-        for r in records
-        for o, s in zip(r["outputs"], r["sends"], strict=False)
-        if len(r["outputs"]) == len(r["sends"])
-    ]
+    # Each send after the engine output it carries (the latest output before it).
+    per_send = []
+    for r in records:
+        for sent in r["sends"]:
+            index = bisect.bisect_right(r["outputs"], sent) - 1
+            if index >= 0:
+                per_send.append((sent - r["outputs"][index]) * 1e3)
     gaps = [(b - a) * 1e3 for r in records for a, b in zip(r["outputs"], r["outputs"][1:], strict=False)]
     events = [len(r["sends"]) for r in records]
     tokens = [sum(r.get("output_tokens", [])) for r in records]
     if per_send:
         lines.append(
-            f"| each output -> its body send | {_ms(statistics.median(per_send))} | {_ms(_pct(per_send, 90))} |"
+            f"| engine output -> the body send that carries it | {_ms(statistics.median(per_send))} | {_ms(_pct(per_send, 90))} |"
         )
     if gaps:
         lines.append(

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -61,12 +62,18 @@ class StreamChunk(Protocol):
 C = TypeVar("C", bound=StreamChunk)
 
 # Pacing (see the module docstring). Up to this many concurrent streams every event goes
-# out as soon as the engine produces it.
-PACE_FROM_STREAMS = 4
+# out as soon as the engine produces it. Measured on two cores (README, Benchmark), pacing
+# made no difference a rounds' noise could not hide at 32 streams or fewer, and helped the
+# threaded SDK client at 128 (fewer, larger events; aiohttp lost about a tenth there).
+PACE_FROM_STREAMS = 32
 # Beyond it, the events per second this process sends, shared among its streams.
 EVENTS_PER_SECOND = 2000.0
 # The longest a stream waits between two events.
 MAX_EVENT_INTERVAL = 0.05
+# Paused streams resume on a common clock (multiples of their interval), so the process
+# wakes once per interval for all of them instead of once per stream: every wakeup of the
+# server can preempt a client that shares its CPU.
+ALIGN_PAUSES = True
 
 _active_streams = 0
 
@@ -187,12 +194,15 @@ class _Reader(Generic[T]):
         return items
 
     async def pause(self, seconds: float) -> None:
-        """Sleep ``seconds``, or until the iterator ends."""
+        """Sleep until the next multiple of ``seconds`` on the loop's clock (or for
+        ``seconds`` if pauses are not aligned), or until the iterator ends."""
         if self.finished:
             return
         loop = asyncio.get_running_loop()
         self._on_finish = loop.create_future()
-        timer = loop.call_later(seconds, _wake, self._on_finish)
+        now = loop.time()
+        deadline = (math.floor(now / seconds) + 1) * seconds if ALIGN_PAUSES else now + seconds
+        timer = loop.call_at(deadline, _wake, self._on_finish)
         try:
             await self._on_finish
         finally:
