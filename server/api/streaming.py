@@ -62,9 +62,9 @@ class StreamChunk(Protocol):
 C = TypeVar("C", bound=StreamChunk)
 
 # Pacing (see the module docstring). Up to this many concurrent streams every event goes
-# out as soon as the engine produces it. Measured on two cores (README, Benchmark), pacing
-# made no difference a rounds' noise could not hide at 32 streams or fewer, and helped the
-# threaded SDK client at 128 (fewer, larger events; aiohttp lost about a tenth there).
+# out as soon as the engine produces it. Measured on two cores (docs/benchmarks.md), pacing
+# made no difference that stood out of the rounds' noise at 32 streams or fewer, and helped
+# the threaded SDK client at 128 (fewer, larger events; aiohttp lost about a tenth there).
 PACE_FROM_STREAMS = 32
 # Beyond it, the events per second this process sends, shared among its streams.
 EVENTS_PER_SECOND = 2000.0
