@@ -7,12 +7,9 @@ own arguments and defaults for a v4serve: the ``openai`` backend (streaming
 API key as ``OPENAI_API_KEY`` (sent as ``Authorization: Bearer``). It prints vLLM's table
 (throughput, TTFT, TPOT, ITL) and, with ``--save-result``, vLLM's JSON.
 
-Two fields the client puts in every request are vLLM extensions that v4serve's
-``/v1/completions`` refuses (400, "unknown field"): ``repetition_penalty`` (always 1.0,
-which changes nothing) and ``ignore_eos`` (set for the random dataset, so answers run to
-``--random-output-len``). Unless ``--send-vllm-extensions`` is given, they are left out of
-the request body here, and nothing else is changed: an answer may then end at EOS before
-the requested length, and the figures count the tokens the server reports.
+The client's two vLLM extensions are sent as it builds them: ``ignore_eos`` (set for the
+random dataset, so answers run to ``--random-output-len``), which v4serve implements, and
+``repetition_penalty`` 1.0, its neutral value, which v4serve accepts.
 
     .venv/bin/v4serve serve --preload tiny-llama &          # V4SERVE_API_KEYS=my-key for a key
     .venv/bin/python scripts/bench_vllm_client.py --base-url http://127.0.0.1:8000 \\
@@ -31,22 +28,15 @@ from typing import Any
 
 # The builtin tiny model's directory under the default home (`v4serve serve` generates it).
 DEFAULT_TOKENIZER = Path("~/.cache/v4serve/builtin/tiny-llama").expanduser()
-VLLM_ONLY_FIELDS = ("repetition_penalty", "ignore_eos")
 
 
 def main(argv: list[str]) -> dict[str, Any]:
     from vllm.benchmarks import serve
-    from vllm.benchmarks.lib import endpoint_request_func
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_cli_args(parser)
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
-    parser.add_argument(
-        "--send-vllm-extensions",
-        action="store_true",
-        help=f"send {' and '.join(VLLM_ONLY_FIELDS)} as the client builds them (v4serve refuses them)",
-    )
     parser.set_defaults(
         backend="openai",
         endpoint="/v1/completions",
@@ -63,36 +53,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.api_key:
         os.environ["OPENAI_API_KEY"] = args.api_key
-    if not args.send_vllm_extensions:
-        _leave_out_vllm_fields(endpoint_request_func, args.backend)
     result: dict[str, Any] = serve.main(args)
     return result
-
-
-def _leave_out_vllm_fields(module: Any, backend: str) -> None:
-    """Wrap the backend's request function so the JSON body it posts lacks ``VLLM_ONLY_FIELDS``."""
-    original = module.ASYNC_REQUEST_FUNCS[backend]
-
-    async def request(request_func_input: Any, session: Any, pbar: Any = None) -> Any:
-        return await original(request_func_input, _Session(session), pbar)
-
-    module.ASYNC_REQUEST_FUNCS[backend] = request
-    print(f"bench_vllm_client: leaving {', '.join(VLLM_ONLY_FIELDS)} out of each request (see --send-vllm-extensions)")
-
-
-class _Session:
-    """An aiohttp session whose ``post`` drops ``VLLM_ONLY_FIELDS`` from a JSON body."""
-
-    def __init__(self, session: Any):
-        self._session = session
-
-    def post(self, *args: Any, json: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        if json is not None:
-            json = {key: value for key, value in json.items() if key not in VLLM_ONLY_FIELDS}
-        return self._session.post(*args, json=json, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._session, name)
 
 
 if __name__ == "__main__":

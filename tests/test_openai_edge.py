@@ -176,6 +176,9 @@ async def test_parameters_reach_the_engine(app_server: InProcessServer) -> None:
         "logprobs": 2,
         "echo": True,
         "user": "someone",
+        # vLLM's extensions, as `vllm bench serve` sends them.
+        "ignore_eos": True,
+        "repetition_penalty": 1.0,
     }
     async with app_server.client() as http:
         response = await http.post("/v1/completions", json=body)
@@ -185,6 +188,7 @@ async def test_parameters_reach_the_engine(app_server: InProcessServer) -> None:
     assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -0.5)
     assert sampling.stop == ("x",) and sampling.seed == 11
     assert sampling.logit_bias == ((7, -100.0), (9, 2.5))
+    assert sampling.ignore_eos is True
     # Echo with logprobs asks for the prompt's too, with as many alternatives.
     assert (sampling.logprobs, sampling.prompt_logprobs) == (2, 2)
 
@@ -293,6 +297,9 @@ CHAT_BODY = {"model": MODEL, "messages": CHAT}
         ("/v1/completions", {**COMPLETION, "frobnicate": 1}, "frobnicate", "unknown field"),
         ("/v1/completions", {**COMPLETION, "suffix": "x"}, "suffix", "unsupported field(s): suffix"),
         ("/v1/completions", {**COMPLETION, "best_of": 3}, "best_of", "unsupported field(s): best_of"),
+        ("/v1/completions", {**COMPLETION, "repetition_penalty": 1.2}, "repetition_penalty", "unsupported"),
+        ("/v1/completions", {**COMPLETION, "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+        ("/v1/completions", {**COMPLETION, "ignore_eos": "sometimes"}, "ignore_eos", "boolean"),
         ("/v1/chat/completions", {**CHAT_BODY, "tools": [{"type": "function"}]}, "tools", "unsupported"),
         ("/v1/chat/completions", {**CHAT_BODY, "response_format": {"type": "json_object"}}, "response_format", ""),
         ("/v1/completions", {**COMPLETION, "temperature": 2.5}, "temperature", "less than or equal to 2"),

@@ -16,6 +16,7 @@ import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -288,8 +289,8 @@ def test_detokenizer_pieces_make_the_whole_decode(tokenizer) -> None:
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def test_detokenizer_keeps_sentencepiece_word_spaces() -> None:
-    """flan-t5's tokenizer is SentencePiece: a token decoded alone loses its leading space."""
+def sentencepiece_tokenizer() -> Any:
+    """A small SentencePiece (Unigram) tokenizer, as flan-t5's, trained here."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -297,7 +298,34 @@ def test_detokenizer_keeps_sentencepiece_word_spaces() -> None:
     backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
     trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=["<pad>", "</s>"], unk_token="<unk>")
     backend.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize(("ignore_eos", "finishes"), [(False, ["stop"]), (True, [None, None, "length"])])
+def test_eos_ends_a_job_unless_it_ignores_eos(ignore_eos: bool, finishes: list[str | None]) -> None:
+    from server.engines._batch_worker import Job
+    from server.engines.base import SamplingOptions
+
+    tokenizer = sentencepiece_tokenizer()
+    eos, word = tokenizer.eos_token_id, tokenizer("fox", add_special_tokens=False).input_ids[-1]
+    loop = asyncio.new_event_loop()
+    try:
+        job = Job(
+            [word],
+            SamplingOptions(max_tokens=3, temperature=0.0, ignore_eos=ignore_eos),
+            IncrementalDetokenizer(tokenizer),
+            loop,
+        )
+        deltas = [job.advance(token, {eos}) for token in (eos, word, eos)[: len(finishes)]]
+    finally:
+        loop.close()
+    assert [delta.finish_reason if delta is not None else None for delta in deltas] == finishes
+    assert deltas[-1] is not None and deltas[-1].completion_tokens == len(finishes)
+
+
+def test_detokenizer_keeps_sentencepiece_word_spaces() -> None:
+    """flan-t5's tokenizer is SentencePiece: a token decoded alone loses its leading space."""
+    tokenizer = sentencepiece_tokenizer()
     ids = tokenizer("the lazy fox jumps").input_ids
     assert "".join(tokenizer.decode([token]) for token in ids) != "the lazy fox jumps"
     detokenizer = IncrementalDetokenizer(tokenizer)

@@ -96,7 +96,7 @@ class Job:
         last allowed token; reaching max_tokens otherwise is "length".
         """
         self.tokens.append(token)
-        is_eos = token in eos_token_ids
+        is_eos = token in eos_token_ids and not self.sampling.ignore_eos
         ended = is_eos or len(self.tokens) >= self.sampling.max_tokens
         text = "" if is_eos else self.detokenizer.push(token)
         if ended:

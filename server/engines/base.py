@@ -39,6 +39,8 @@ class SamplingOptions:
     prompt_logprobs: int | None = None
     # (token ID, bias) pairs added to the logits before sampling, as OpenAI's logit_bias.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Generate past the end-of-sequence token, up to max_tokens.
+    ignore_eos: bool = False
 
     @property
     def wants_logprobs(self) -> bool:

@@ -260,6 +260,7 @@ class VLLMEngine(Engine):
             logprobs=options.logprobs,
             prompt_logprobs=options.prompt_logprobs,
             logit_bias=dict(options.logit_bias) or None,
+            ignore_eos=options.ignore_eos,
             # Non-streaming requests get one output at the end, as in vLLM's own server:
             # no per-token detokenized outputs to build and hand across the event loop.
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,

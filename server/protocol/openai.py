@@ -48,6 +48,9 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # Fields of OpenAI's API that this server does not implement, with the values that mean
     # "not used" (null is always accepted).
+    # vLLM's extensions that this server does not implement, with their neutral values:
+    # vLLM's own benchmark client (`vllm bench serve`) always sends repetition_penalty 1.0.
+    UNSUPPORTED_EXTENSIONS: ClassVar[dict[str, tuple[Any, ...]]] = {"repetition_penalty": (1.0,)}
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     model: Text = Field(min_length=1)
@@ -67,8 +70,12 @@ class _Request(BaseModel):
     top_k: int | None = Field(default=None, ge=-1, le=MAX_ENGINE_INT)
     # Accepted and not used, as by vLLM: it identifies the end user to OpenAI's abuse checks.
     user: Text | None = None
+    # vLLM's extensions: generate past the end-of-sequence token (benchmarks ask for exact
+    # output lengths this way), and the repetition penalty (only its neutral value).
+    ignore_eos: bool = False
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_ENGINE_INT)
 
-    @field_validator("n", "stream", mode="before")
+    @field_validator("n", "stream", "ignore_eos", mode="before")
     @classmethod
     def _null_is_default(cls, value: Any, info: Any) -> Any:
         if value is None:
@@ -105,7 +112,7 @@ class _Request(BaseModel):
         would matter."""
         return [
             name
-            for name, harmless in self.UNSUPPORTED.items()
+            for name, harmless in (self.UNSUPPORTED_EXTENSIONS | self.UNSUPPORTED).items()
             if (value := getattr(self, name)) is not None and value not in harmless
         ]
 

@@ -98,6 +98,7 @@ def _sampling(
         seed=body.seed,
         logprobs=logprobs,
         logit_bias=body.token_biases(),
+        ignore_eos=body.ignore_eos,
     )
 
 

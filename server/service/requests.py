@@ -98,6 +98,8 @@ class SamplingRequest:
     # Log-probabilities of each generated token and of its ``logprobs`` likeliest alternatives.
     logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Keep generating past the end-of-sequence token, up to max_tokens (vLLM's ignore_eos).
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,4 +60,5 @@ def sampling_options(
         logprobs=params.logprobs,
         prompt_logprobs=prompt_logprobs,
         logit_bias=params.logit_bias,
+        ignore_eos=params.ignore_eos,
     )
