@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
+from typing import TypeVar
 
 from server.engines import TokenLogprob
 from server.errors import InvalidRequestError
@@ -32,6 +33,8 @@ from server.service.requests import (
 DEFAULT_TEMPERATURE = 1.0
 # What a log-probability of -inf is sent as: JSON has no infinity (OpenAI's and vLLM's value).
 LOGPROB_FLOOR = -9999.0
+
+Chunk = TypeVar("Chunk", oa.TextCompletionResponse, oa.ChatCompletionChunk)
 
 
 # ----- requests ---------------------------------------------------------------------------
@@ -134,6 +137,20 @@ def _chat_message(index: int, message: oa.SystemMessage | oa.UserMessage | oa.As
 # ----- responses --------------------------------------------------------------------------
 
 
+def _usage_chunk(
+    kind: type[Chunk], object_name: str, pending: PendingGeneration, completion_tokens: list[int]
+) -> Chunk:
+    """The stream's last chunk where ``include_usage`` asks for it: no choices, the totals."""
+    return kind.model_construct(
+        id=pending.request_id,
+        object=object_name,
+        created=pending.created,
+        model=pending.model_id,
+        choices=[],
+        usage=_usage(pending.prompt_tokens, sum(completion_tokens)),
+    )
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> oa.UsageInfo:
     return oa.UsageInfo.model_construct(
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
@@ -191,14 +208,7 @@ async def completion_chunks(
                 chunk.usage = _usage(delta.prompt_tokens, delta.completion_tokens)
             yield chunk
     if include_usage:
-        yield oa.TextCompletionResponse.model_construct(
-            id=pending.request_id,
-            object="text_completion",
-            created=pending.created,
-            model=pending.model_id,
-            choices=[],
-            usage=_usage(pending.prompt_tokens, sum(completion_tokens)),
-        )
+        yield _usage_chunk(oa.TextCompletionResponse, "text_completion", pending, completion_tokens)
 
 
 def chat_response(
@@ -246,14 +256,7 @@ async def chat_chunks(
                 chunk.usage = _usage(delta.prompt_tokens, delta.completion_tokens)
             yield chunk
     if include_usage:
-        yield oa.ChatCompletionChunk.model_construct(
-            id=pending.request_id,
-            object="chat.completion.chunk",
-            created=pending.created,
-            model=pending.model_id,
-            choices=[],
-            usage=_usage(pending.prompt_tokens, sum(completion_tokens)),
-        )
+        yield _usage_chunk(oa.ChatCompletionChunk, "chat.completion.chunk", pending, completion_tokens)
 
 
 def _chat_chunk(
