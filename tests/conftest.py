@@ -32,6 +32,7 @@ Markers (registered in pyproject.toml):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -105,6 +106,19 @@ class RunningServer(ServerProcess):
     def client(self, api_key: str | None = API_KEY, timeout: float = 120.0) -> httpx.Client:
         headers = {"x-api-key": api_key} if api_key else {}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def aborted_token_counts(self) -> list[int]:
+        """completion_tokens of every request the server logged as aborted by its client."""
+        return [int(m) for m in re.findall(r"completion_tokens=(\d+) aborted: the client went away", self.log())]
+
+    def wait_for_aborts(self, count: int, timeout: float = 60) -> list[int]:
+        """The aborted requests' token counts once ``count`` are logged (the log line follows
+        the abort; ``timeout`` only bounds a failing test)."""
+        deadline = time.monotonic() + timeout
+        while len(counts := self.aborted_token_counts()) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(counts) == count, f"expected {count} aborted requests in the log, found {len(counts)}"
+        return counts
 
     def running_requests(self, model: str) -> int:
         """The engine's in-flight count for ``model``, as ``GET /v4/models`` reports it."""
