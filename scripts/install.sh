@@ -29,7 +29,7 @@ echo "v4serve: installing for $target into $venv"
 "$venv/bin/python" -m pip install --quiet --upgrade "pip>=23.1"
 # V4SERVE_WITH_TESTS=0 (the Docker images) leaves out the test and benchmark tools.
 extras="$target"
-if [ "${V4SERVE_WITH_TESTS:-1}" = 1 ]; then extras="$target,test,bench"; fi
+if [ "${V4SERVE_WITH_TESTS:-1}" = 1 ]; then extras="$target,test,bench,ray"; fi
 "$venv/bin/python" -m pip install --quiet -e ".[$extras]"
 
 if [ "$target" = cpu ]; then

@@ -13,7 +13,9 @@ from pydantic import ValidationError
 
 from server.inventory import WeightSource, serving_entry, weight_sources, weights_present
 from server.registry import SHIPPED_REGISTRY, RegisteredModel, Registry, RegistryError, load_registry
+from server.registry.operator import load_serving_registry, operator_file
 from server.settings import LOOPBACK, Option, Settings, options
+from server.telemetry.logs import configure_logging
 from server.weights import BUILTIN_PREFIX, HubError, HubUnreachableError, hub, local_dir
 
 logger = logging.getLogger("server")
@@ -40,7 +42,54 @@ def _parser() -> argparse.ArgumentParser:
     )
     pull.add_argument("model_ids", nargs="+", metavar="ID", help="model ID or alias")
     _add_settings(pull, "registry_files")
+    usage = commands.add_parser(
+        "usage",
+        help="print token usage from the ledger (what GET /v4/usage answers), read directly",
+        description="Totals and the newest records of the usage ledger: SQLite under --home, or --ledger-url.",
+    )
+    usage.add_argument("--account-id", help="only this account's records")
+    usage.add_argument("--model", help="only this model's records")
+    usage.add_argument("--since", help="from this time on: ISO 8601 (UTC unless zoned) or seconds since the epoch")
+    usage.add_argument("--until", help="before this time: ISO 8601 or seconds since the epoch")
+    usage.add_argument("--limit", type=int, default=100, help="rows to print at most (default 100)")
+    usage.add_argument("--json", action="store_true", help="print the JSON body GET /v4/usage answers with")
+    _add_settings(usage, "home", "ledger_url")
+    batch = commands.add_parser(
+        "batch",
+        help="run a JSONL file of OpenAI batch requests on this machine's engines (resumable)",
+        description="Run every line of INPUT (OpenAI batch requests to /v1/completions, /v1/chat/completions, "
+        "/v4/completions or /v4/chat-completions) and append one result line per input line to OUTPUT. "
+        "Running it again skips the lines OUTPUT already holds. Exit 0 when every line is answered.",
+    )
+    batch.add_argument("input", type=Path, metavar="INPUT.jsonl", help="the requests, one JSON object a line")
+    batch.add_argument("output", type=Path, metavar="OUTPUT.jsonl", help="where results are appended")
+    _add_settings(
+        batch,
+        "registry_files",
+        "home",
+        "memory_budget",
+        "load_timeout",
+        "sleep_mode",
+        "log_level",
+        *_IMAGE_SETTINGS,
+        *_RAY_BATCH_SETTINGS,
+    )
     return parser
+
+
+# Where a batch runs across a Ray cluster (server.batch.ray_job): the cluster, and how its hosts are placed.
+_RAY_BATCH_SETTINGS = ("ray_address", "ray_replica_resources", "ray_replica_gpus")
+# What a batch line's images are read under, as a server reads them.
+_IMAGE_SETTINGS = (
+    "image_fetch_timeout",
+    "image_max_bytes",
+    "image_max_pixels",
+    "image_decoded_pixels",
+    "image_formats",
+    "image_allowed_domains",
+    "image_allow_private_networks",
+    "image_file_root",
+)
 
 
 def _add_settings(parser: argparse.ArgumentParser, *names: str) -> None:
@@ -93,9 +142,18 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from server.api import create_app, state_of
+    from server.api.admin import reload_on_sighup
 
-    registry = load_registry(settings.registry_files)
-    app = create_app(settings, registry)
+    # The operator file holds what the admin API changed: it outlives a restart.
+    registry = load_serving_registry(settings.registry_files, operator_file(settings.home))
+    if settings.ray_address is not None:
+        # Ray is imported only here: a server on one machine never imports it.
+        from server.cluster.ingress import create_cluster_app
+
+        app = create_cluster_app(settings, registry)
+    else:
+        app = create_app(settings, registry)
+    reload_on_sighup(app)
     keys_enabled = state_of(app).keys.enabled
     host = settings.host or ("0.0.0.0" if keys_enabled else LOOPBACK)
     if not keys_enabled:
@@ -122,7 +180,30 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=settings.shutdown_timeout,
+        # JSON lines: uvicorn's own loggers write through the root handler too.
+        **({"log_config": None} if settings.log_format == "json" else {}),
     )
+    return 0
+
+
+def usage(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the ledger's totals and newest rows, filtered as ``GET /v4/usage`` filters."""
+    from server.telemetry import Ledger, UsageFilter
+    from server.telemetry.report import as_json, as_text, parse_moment
+
+    location = Ledger.location_for(settings.home, settings.ledger_url)
+    if "://" not in location and not Path(location).exists():
+        print(f"v4serve: no usage ledger at {location} (has a server run with this --home?)", file=sys.stderr)
+        return 1
+    wanted = UsageFilter(
+        account=args.account_id,
+        model=args.model,
+        since=parse_moment(args.since) if args.since else None,
+        until=parse_moment(args.until) if args.until else None,
+        limit=args.limit,
+    )
+    report = Ledger(location, writable=False).query(wanted)
+    print(as_json(report) if args.json else as_text(report))
     return 0
 
 
@@ -152,8 +233,9 @@ def check(settings: Settings) -> int:
 
 
 def models(settings: Settings) -> int:
-    """Print the registered models as a table, with whether their weights are here."""
-    registry = load_registry(settings.registry_files)
+    """Print the registered models as a table, with whether their weights are here: what
+    a server with this home serves, the admin API's changes included."""
+    registry = load_serving_registry(settings.registry_files, operator_file(settings.home))
     rows: list[tuple[str, ...]] = [("ID", "SOURCE", "ARCHITECTURE", "ENGINE", "CONTEXT", "GPUS", "LOCAL")]
     rows += [_model_row(registered, registry, settings.home) for registered in registry]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
@@ -228,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"v4serve: invalid setting: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     try:
         if args.command == "serve":
             return serve(settings)
@@ -238,6 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return models(settings)
         if args.command == "pull":
             return pull(settings, args.model_ids)
+        if args.command == "usage":
+            return usage(settings, args)
+        if args.command == "batch":
+            from server.batch.command import run_batch
+
+            return run_batch(settings, args.input, args.output)
     except (RegistryError, ValueError, OSError) as exc:
         print(f"v4serve: {exc}", file=sys.stderr)
         return 2

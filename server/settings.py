@@ -55,19 +55,20 @@ class Settings(BaseSettings):
     )
     api_keys: str = Field(
         default="",
-        description="API keys: comma-separated `key` or `key:account` items. No flag: a key on the "
-        "command line would show in the process list.",
+        description="API keys: comma-separated `key`, `key:account` or `key:account:admin` items (an admin "
+        "key reads every account's usage). No flag: a key on the command line would show in the process list.",
         json_schema_extra={"cli": False},
     )
     api_keys_file: Path | None = Field(
         default=None,
-        description="File of API keys, one `key` or `key:account` a line, `#` comments; keys are printable "
+        description="File of API keys, one `key`, `key:account` or `key:account:admin` a line, `#` comments; keys are printable "
         "ASCII without spaces, and a file without keys is refused.",
         json_schema_extra={"metavar": "FILE"},
     )
     home: Path = Field(
         default=Path("~/.cache/v4serve").expanduser(),
-        description="Where builtin models are generated.",
+        description="Where builtin models are generated, and where the admin API keeps its registry changes "
+        "(`operator_registry.yaml`).",
         json_schema_extra={"metavar": "DIR"},
     )
     load_timeout: float = Field(
@@ -155,7 +156,84 @@ class Settings(BaseSettings):
         description="The one folder `file://` image URLs may read; unset refuses `file://` URLs.",
         json_schema_extra={"metavar": "DIR"},
     )
+    # The HTTP batch API (server.batch.manager): /v1/files and /v1/batches.
+    batch_dir: Path | None = Field(
+        default=None,
+        description="Where `/v1/files` uploads, `/v1/batches` jobs and their results are kept; unset: "
+        "`batches` under `--home`.",
+        json_schema_extra={"metavar": "DIR"},
+    )
+    batch_max_running: int = Field(
+        default=32,
+        ge=1,
+        description="Batch API requests running at once, over all batches; a new one starts only while "
+        "no interactive request waits in its model's queue.",
+        json_schema_extra={"metavar": "N"},
+    )
     log_level: LogLevel = Field(default="info", description="The least severe log messages written.")
+    # Telemetry (server.telemetry, docs/operations.md): logs, metrics, the usage ledger, tracing.
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="`json`: one JSON object a log line (time, level, logger, message, request_id).",
+    )
+    metrics_open: bool = Field(
+        default=False,
+        description="Serve `GET /metrics` without an API key (for a Prometheus that holds none); by default "
+        "it needs one, as every route but the probes.",
+    )
+    ledger_url: str | None = Field(
+        default=None,
+        description="A `postgresql://` URL for the usage ledger, shared by several servers, or "
+        "`sqlite:///PATH` for a SQLite file elsewhere; unset: SQLite in `usage.sqlite3` under `--home`.",
+        json_schema_extra={"metavar": "URL"},
+    )
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP collector to send a trace of each request to (e.g. `http://localhost:4318`); "
+        "unset: the standard `OTEL_EXPORTER_OTLP_*` variables, else no tracing.",
+        json_schema_extra={"metavar": "URL"},
+    )
+    # Serving on a Ray cluster (server.cluster, docs/cluster.md); unset, Ray is never imported.
+    ray_address: str | None = Field(
+        default=None,
+        description="Run on this Ray cluster (`auto`, or the head's `HOST:PORT`): `serve` runs the HTTP ingress "
+        "here and the engines in replicas on the cluster's nodes, each model routed to the replica that holds it; "
+        "`batch` shards each model's lines over one engine host per node. Unset: this machine alone, without Ray.",
+        json_schema_extra={"flag": "--ray", "metavar": "ADDRESS"},
+    )
+    ray_replica_resources: list[str] = Field(
+        default_factory=list,
+        description="Custom Ray resources that place engine hosts (serve's replicas, batch's hosts), one name per "
+        "node or GPU set: each takes one unit of a name no other holds. Empty: serve spreads its replicas over the "
+        "nodes, batch puts one host on each node with `--ray-replica-gpus` GPUs.",
+        json_schema_extra={"flag": "--ray-replica-resource", "metavar": "NAME"},
+    )
+    ray_replica_gpus: float = Field(
+        default=0.0,
+        ge=0,
+        description="GPUs each replica or batch host takes (a node's, or a GPU set's); 0 on CPU-only clusters.",
+        json_schema_extra={"metavar": "COUNT"},
+    )
+    ray_min_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Replicas always running; one that dies is replaced.",
+        json_schema_extra={"metavar": "N"},
+    )
+    ray_max_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most replicas the queue may scale up to; unset: one per `--ray-replica-resource`, else "
+        "`--ray-min-replicas`.",
+        json_schema_extra={"metavar": "N"},
+    )
+    ray_target_queue: int = Field(
+        default=8,
+        ge=1,
+        description="Requests queued per replica past which one more replica starts; a replica holding no model "
+        "and serving nothing is stopped again.",
+        json_schema_extra={"metavar": "N"},
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -56,6 +56,8 @@ OTHER_KEY = "other-key"
 # As V4SERVE_API_KEYS takes them: API_KEY is bound to ACCOUNT, OTHER_KEY to none.
 API_KEYS = f"{API_KEY}:{ACCOUNT},{OTHER_KEY}"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# The session's Ray node for the Ray tests (tests/ray_cluster.py; started only when asked for).
+pytest_plugins = ["tests.ray_cluster"]
 
 # ----- markers ---------------------------------------------------------------------------
 

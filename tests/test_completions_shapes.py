@@ -87,7 +87,13 @@ async def test_a_failure_after_the_first_event_is_an_error_event(app_server: InP
     assert [data["completion"]["text"] for _, data in served] == [" w0", " w1"]
     assert name == "error"
     assert failure == {
-        "error": {"message": "the stand-in engine failed", "type": "engine_error", "param": None, "code": 500}
+        "error": {
+            "message": "the stand-in engine failed",
+            "type": "engine_error",
+            "param": None,
+            "code": 500,
+            "request_id": response.headers["x-request-id"],
+        }
     }
     assert len(engine.aborted) == 1 and not engine.running
 

@@ -29,7 +29,9 @@ def assert_error(response: httpx.Response, status: int, *, param: str | None = N
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    # The request's ID too (docs/operations.md#request-ids), as its response header says.
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
+    assert error["request_id"] == response.headers["x-request-id"]
     assert error["code"] == status
     assert error["message"]
     assert "Traceback" not in error["message"]

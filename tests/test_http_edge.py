@@ -285,9 +285,9 @@ def test_unhandled_error_is_a_generic_500_and_its_path_is_logged_escaped(
         asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 500
     body = b"".join(message.get("body", b"") for message in sent[1:])
-    assert json.loads(body) == {
-        "error": {"message": "internal server error", "type": "internal_error", "param": None, "code": 500}
-    }
+    error = json.loads(body)["error"]
+    assert error.pop("request_id") == dict(sent[0]["headers"])[b"x-request-id"].decode()
+    assert error == {"message": "internal server error", "type": "internal_error", "param": None, "code": 500}
     assert b"secret" not in body and str(tmp_path).encode() not in body
     messages = [record.getMessage() for record in caplog.records if record.name == "server.api.errors"]
     assert messages and all(message.isprintable() for message in messages)

@@ -262,7 +262,13 @@ async def test_a_failure_after_the_first_event_is_an_error_frame_then_done(app_s
     *served, failure, done = frames(response.text)
     assert [chunk["choices"][0]["text"] for chunk in served] == [" w0", " w1"]
     assert failure == {
-        "error": {"message": "the stand-in engine failed", "type": "engine_error", "param": None, "code": 500}
+        "error": {
+            "message": "the stand-in engine failed",
+            "type": "engine_error",
+            "param": None,
+            "code": 500,
+            "request_id": response.headers["x-request-id"],
+        }
     }
     assert done == "[DONE]"
     assert len(engine.aborted) == 1 and not engine.running
@@ -335,7 +341,7 @@ async def test_invalid_requests_are_400_naming_the_field(
     assert error["param"] == param
     assert says in error["message"]
     assert error["code"] == 400
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
 
 
 async def test_malformed_json_is_400(app_server: InProcessServer) -> None:
@@ -359,6 +365,7 @@ async def test_the_sdk_raises_openais_errors(app_server: InProcessServer) -> Non
         "type": "model_not_found",
         "param": "model",
         "code": 404,
+        "request_id": missing.value.response.headers["x-request-id"],
     }
     assert "'no-such-model' is not in the registry" in missing.value.body["message"]
     async with sdk(app_server, api_key="wrong") as client:

@@ -228,6 +228,7 @@ def test_errors_are_openais(client: openai.OpenAI, server: RunningServer) -> Non
         "type": "invalid_request_error",
         "param": "best_of",
         "code": 400,
+        "request_id": bad.value.response.headers["x-request-id"],
     }
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"frobnicate": True})

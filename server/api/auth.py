@@ -1,7 +1,9 @@
 """API keys, checked in ASGI middleware before a route runs or one body byte is read.
 
-Keys come from ``V4SERVE_API_KEYS`` or a keys file, as ``key`` or ``key:account`` items. A
-key that names its account has its usage attributed to that account, whatever the caller
+Keys come from ``V4SERVE_API_KEYS`` or a keys file, as ``key``, ``key:account`` or
+``key:account:admin`` items (``key::admin`` for an admin key without an account). An admin
+key may read every account's usage (``GET /v4/usage``) and change the server (the admin
+API); other keys see their own usage only. A key that names its account has its usage attributed to that account, whatever the caller
 writes in the body or headers; only a key without one (or an open server) lets the caller
 choose (``account_id`` in the body, else ``x-selected-account-id``).
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server import telemetry
 from server.api.errors import error_response
 from server.errors import AuthenticationError
 
@@ -30,6 +33,7 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 # which routes read as ``request.state.caller``.
 CALLER_STATE_KEY = "caller"
 ENV_NAME = "V4SERVE_API_KEYS"
+ADMIN_ROLE = "admin"
 MISSING_KEY = "missing API key: send it in the x-api-key header or as 'Authorization: Bearer <key>'"
 
 
@@ -44,6 +48,7 @@ class ApiKey:
     # Where the key was configured ("V4SERVE_API_KEYS item 2", "keys.txt line 3"): a name
     # that tells keys apart in logs without revealing any of them.
     name: str
+    admin: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class Caller:
     key_name: str | None
     account: str | None
     selected_account: str | None
+    # An admin key, or a server without keys (anyone may do anything there).
+    admin: bool = False
 
     def usage_account(self, body_account: str | None) -> str | None:
         """The account usage is logged against.
@@ -122,15 +129,20 @@ def _parse(items: Iterable[tuple[str, str]]) -> Iterable[ApiKey]:
         item = item.strip()
         if not item:
             continue
-        key, _, account = item.partition(":")
-        key = key.strip()
+        key, _, rest = item.partition(":")
+        account, _, role = rest.partition(":")
+        key, role = key.strip(), role.strip()
         if not key:
-            raise KeyRingError(f"{where}: empty API key; write 'key' or 'key:account'")
+            raise KeyRingError(f"{where}: empty API key; write 'key', 'key:account' or 'key:account:admin'")
+        if role not in ("", ADMIN_ROLE):
+            raise KeyRingError(
+                f"{where}: unknown key role {role!r}; the only one is '{ADMIN_ROLE}' (key:account:admin)"
+            )
         # Header values travel as bytes, which clients encode differently beyond ASCII, and
         # 'Authorization: Bearer' splits on spaces: such a key could never match reliably.
         if not all("!" <= char <= "~" for char in key):
             raise KeyRingError(f"{where}: API keys must be printable ASCII without spaces")
-        yield ApiKey(key.encode("ascii"), account.strip() or None, where)
+        yield ApiKey(key.encode("ascii"), account.strip() or None, where, admin=role == ADMIN_ROLE)
 
 
 def _without_duplicates(keys: list[ApiKey]) -> list[ApiKey]:
@@ -138,8 +150,8 @@ def _without_duplicates(keys: list[ApiKey]) -> list[ApiKey]:
     unique: dict[bytes, ApiKey] = {}
     for key in keys:
         first = unique.setdefault(key.secret, key)
-        if first.account != key.account:
-            raise KeyRingError(f"{key.name}: the same key as {first.name}, with another account")
+        if (first.account, first.admin) != (key.account, key.admin):
+            raise KeyRingError(f"{key.name}: the same key as {first.name}, with another account or role")
     return list(unique.values())
 
 
@@ -172,17 +184,20 @@ class ApiKeyAuth:
     included. The caller it establishes goes into ``scope["state"]``, for routes.
     """
 
-    def __init__(self, app: ASGIApp, keys: KeyRing):
+    def __init__(self, app: ASGIApp, keys: KeyRing, open_paths: Iterable[str] = ()):
         self.app = app
         self.keys = keys
+        # Paths the operator opened on top of the probes (``--metrics-open``: /metrics).
+        self.open_paths = OPEN_PATHS | frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         headers = scope.get("headers", ())
         try:
-            caller = self._identify(headers)
+            with telemetry.phase("auth"):
+                caller = self._identify(headers)
         except AuthenticationError as exc:
             if scope["type"] == "websocket":
                 # Closing before accepting refuses the handshake (HTTP 403).
@@ -193,14 +208,17 @@ class ApiKeyAuth:
             await response(scope, receive, send)
             return
         scope.setdefault("state", {})[CALLER_STATE_KEY] = caller
+        request = telemetry.current()
+        if request is not None:
+            request.caller(caller.key_name, caller.account)
         await self.app(scope, receive, send)
 
     def _identify(self, headers: Sequence[tuple[bytes, bytes]]) -> Caller:
         selected = _header(headers, b"x-selected-account-id")
         if not self.keys.enabled:
-            return Caller(key_name=None, account=None, selected_account=selected)
+            return Caller(key_name=None, account=None, selected_account=selected, admin=True)
         key = self.keys.match(presented_key(headers))
-        return Caller(key_name=key.name, account=key.account, selected_account=selected)
+        return Caller(key_name=key.name, account=key.account, selected_account=selected, admin=key.admin)
 
 
 async def current_caller(request: Request) -> Caller:

@@ -15,7 +15,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import ServingError
-from server.protocol.v4 import ErrorDetail, ErrorResponse
+from server.protocol.v4 import ErrorResponse
+from server.service.error_bodies import error_body, serving_error_body, v4_validation_error
+
+__all__ = ["error_body", "error_response", "error_responses", "install_error_handlers", "serving_error_body"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +51,6 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return responses
 
 
-def error_body(message: str, error_type: str, status: int, param: str | None = None) -> dict[str, Any]:
-    return ErrorResponse(error=ErrorDetail(message=message, type=error_type, param=param, code=status)).model_dump()
-
-
-def serving_error_body(exc: ServingError) -> dict[str, Any]:
-    return error_body(exc.message, exc.error_type, exc.status_code, exc.param)
-
-
 def error_response(exc: ServingError, headers: dict[str, str] | None = None) -> JSONResponse:
     """The response for ``exc``; ASGI middleware that answers before routing uses it too,
     so a 401 or 413 sent from there looks exactly like one a route raised."""
@@ -70,25 +65,10 @@ async def _serving_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
-def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p != "body"]
-    return ".".join(parts) or "body"
-
-
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    if any(e.get("type") == "json_invalid" for e in errors):
-        first = errors[0]
-        detail = first.get("ctx", {}).get("error", "")
-        return JSONResponse(
-            error_body(f"the request body is not valid JSON: {detail}".rstrip(": "), "invalid_json", 400, "body"),
-            400,
-        )
-    first = errors[0]
-    field = _field(tuple(first.get("loc", ())))
-    message = "; ".join(f"{_field(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors)
-    return JSONResponse(error_body(message, "invalid_parameter", 422, field), 422)
+    status, body = v4_validation_error(exc.errors())
+    return JSONResponse(body, status)
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:

@@ -14,9 +14,11 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 
 from server.api.auth import KeyRing
+from server.batch.manager import BatchManager
 from server.pool import EnginePool
 from server.service import CompletionService
 from server.service.chat import ChatCompletions
+from server.telemetry import Telemetry
 
 # The attribute of ``app.state`` that holds the ``AppState``.
 STATE_ATTRIBUTE = "v4"
@@ -31,6 +33,10 @@ class AppState:
     chat: ChatCompletions
     keys: KeyRing
     preload: tuple[str, ...]
+    # Metrics, usage ledger and tracing (server.telemetry).
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    # The /v1/batches jobs (server.batch.manager); None where the application runs none.
+    batches: BatchManager | None = None
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
 

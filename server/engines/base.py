@@ -203,6 +203,16 @@ class Engine(ABC):
         """False once the engine can no longer serve (its processes died)."""
         return True
 
+    def add_adapter(self, adapter: AdapterRef) -> bool:
+        """Serve ``adapter`` from now on, beside those the engine started with, without a
+        restart; False when this engine cannot (it was started without LoRA, or with
+        buffers too small for the adapter's rank): its base must then be restarted.
+
+        Taking the adapter again under its name with other weights replaces it for the
+        requests that start afterwards; those already running keep the adapter they began with.
+        """
+        return False
+
     @property
     def supports_sleep(self) -> bool:
         """Whether ``sleep`` frees the engine's device memory while keeping it warm."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import typing
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from server.engines.rules import fit_to_context, render_chat
 from server.errors import EngineError, InvalidRequestError, UnavailableError
 from server.registry import ModelEntry
 from server.registry.engine_kinds import DEFAULT_CPU_KV_CACHE_BYTES
+from server.telemetry import EngineMetrics, trace_headers
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -56,8 +58,12 @@ def build_engine_args(
     on_cpu: bool,
     adapters: Sequence[AdapterRef],
     launch: LaunchOptions = LaunchOptions(),
+    traces_endpoint: str | None = None,
 ) -> Any:
-    """Registry entry -> ``AsyncEngineArgs``; the only place that mapping is written."""
+    """Registry entry -> ``AsyncEngineArgs``; the only place that mapping is written.
+
+    ``traces_endpoint``: vLLM's own OpenTelemetry spans go there (its ``otlp_traces_endpoint``).
+    """
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     kwargs: dict[str, Any] = {
@@ -70,9 +76,12 @@ def build_engine_args(
         "tensor_parallel_size": entry.tensor_parallel_size,
         "trust_remote_code": entry.trust_remote_code,
         # One Prometheus registry per process: vLLM's stat loggers of several engines
-        # would unregister each other's metrics.
+        # would unregister each other's metrics. Its statistics reach the server's own
+        # metrics through a stat logger of ours instead (``stat_logger_factory``).
         "disable_log_stats": True,
     }
+    if traces_endpoint is not None:
+        kwargs["otlp_traces_endpoint"] = traces_endpoint
     if entry.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = entry.gpu_memory_utilization
     if entry.kv_cache_memory is not None:
@@ -136,8 +145,13 @@ class VLLMEngine(Engine):
         self.max_model_len = llm.model_config.max_model_len
         self._sleep_enabled = sleep_enabled
         self._chat_template = chat_template
-        # vLLM caches a loaded adapter under its int ID, so each name keeps one ID.
+        # Whether vLLM traces too: requests then carry the trace context to it.
+        self._traced = False
+        # vLLM caches a loaded adapter under its int ID, so each name keeps one ID (until
+        # it is taken again with other weights: a new ID then, as the cache holds the old).
         self._loras = {a.name: LoRARequest(a.name, lora_id, a.path) for lora_id, a in enumerate(adapters, start=1)}
+        self._lora_request = LoRARequest
+        self._last_lora_id = len(adapters)
 
     @classmethod
     async def start(
@@ -147,20 +161,42 @@ class VLLMEngine(Engine):
         weights: str,
         adapters: Sequence[AdapterRef],
         launch: LaunchOptions = LaunchOptions(),
+        *,
+        metrics: EngineMetrics | None = None,
+        traces_endpoint: str | None = None,
     ) -> VLLMEngine:
-        """Create the engine off the event loop: construction blocks for seconds."""
+        """Create the engine off the event loop: construction blocks for seconds.
+
+        ``metrics`` receive vLLM's scheduler statistics; ``traces_endpoint`` gets vLLM's
+        own spans, joined to each request's trace.
+        """
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = build_engine_args(model_id, entry, weights, on_cpu=running_on_cpu(), adapters=adapters, launch=launch)
-        llm = await asyncio.to_thread(_with_visible_devices, launch.visible_devices, AsyncLLM.from_engine_args, args)
+        args = build_engine_args(
+            model_id,
+            entry,
+            weights,
+            on_cpu=running_on_cpu(),
+            adapters=adapters,
+            launch=launch,
+            traces_endpoint=traces_endpoint,
+        )
+        if traces_endpoint is not None:
+            # vLLM exports over gRPC unless told otherwise; the server's collector takes OTLP/HTTP.
+            os.environ.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+        loggers = [stat_logger_factory(metrics)] if metrics is not None else None
+        create = functools.partial(AsyncLLM.from_engine_args, stat_loggers=loggers)
+        llm = await asyncio.to_thread(_with_visible_devices, launch.visible_devices, create, args)
         template = await asyncio.to_thread(_vision_chat_template, llm) if entry.vision is not None else None
-        return cls(
+        engine = cls(
             model_id,
             llm,
             adapters,
             sleep_enabled=launch.enable_sleep and not running_on_cpu(),
             chat_template=template,
         )
+        engine._traced = traces_endpoint is not None
+        return engine
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
         return render_chat(self._llm.get_tokenizer(), self.model_id, messages, self._chat_template)
@@ -280,7 +316,13 @@ class VLLMEngine(Engine):
         try:
             # A copy of the input: one prepared request may be generated from more than once.
             async with aclosing(
-                self._llm.generate(dict(request.engine_input), params, request_id, lora_request=lora)
+                self._llm.generate(
+                    dict(request.engine_input),
+                    params,
+                    request_id,
+                    lora_request=lora,
+                    trace_headers=trace_headers() if self._traced else None,
+                )
             ) as outputs:
                 async for output in outputs:
                     step = output.outputs[0]
@@ -351,6 +393,19 @@ class VLLMEngine(Engine):
             )
         return tuple(entries)
 
+    def add_adapter(self, adapter: AdapterRef) -> bool:
+        # vLLM loads an adapter on the first request that names it (a LoRARequest carries
+        # its path), so taking one at run time needs only LoRA enabled at start-up with
+        # buffers for its rank; vLLM's own runtime loading (/v1/load_lora_adapter) does the same.
+        lora_config = self._llm.vllm_config.lora_config
+        if lora_config is None or adapter.rank > lora_config.max_lora_rank:
+            return False
+        current = self._loras.get(adapter.name)
+        if current is None or current.lora_path != adapter.path:
+            self._last_lora_id += 1
+            self._loras[adapter.name] = self._lora_request(adapter.name, self._last_lora_id, adapter.path)
+        return True
+
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
 
@@ -376,6 +431,39 @@ class VLLMEngine(Engine):
 
     async def wake_up(self) -> None:
         await self._llm.wake_up()
+
+
+def stat_logger_factory(metrics: EngineMetrics) -> Callable[[Any, int], Any]:
+    """A vLLM per-engine stat logger factory (``AsyncLLM(stat_loggers=[...])``) writing the
+    engine's scheduler statistics into ``metrics``: KV-cache usage, waiting requests,
+    the batch size of each step, preemptions. vLLM calls it in this process, from its
+    output handler, once per engine step."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _ServerStatLogger(StatLoggerBase):  # type: ignore[misc]
+        def __init__(self, vllm_config: Any, engine_index: int = 0):
+            self.engine_index = engine_index
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is not None:
+                metrics.scheduler_step(
+                    kv_cache_usage=scheduler_stats.kv_cache_usage,
+                    running=scheduler_stats.num_running_reqs,
+                    waiting=scheduler_stats.num_waiting_reqs,
+                )
+            if iteration_stats is not None:
+                metrics.preempted(iteration_stats.num_preempted_reqs)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _ServerStatLogger
 
 
 def _token_text(logprob: Any, token_id: int, tokenizer: Any) -> str:

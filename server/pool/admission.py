@@ -59,6 +59,16 @@ class AdmissionGate:
         self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * elapsed
         self._release_slot()
 
+    def resize(self, *, max_running: int, max_queued: int) -> None:
+        """New limits (the registry entry changed). Waiters a higher running limit makes
+        room for are let in now; requests already queued stay queued under a lower limit."""
+        self.max_running, self.max_queued = max_running, max_queued
+        while self._waiters and self.running < self.max_running:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.running += 1
+                waiter.set_result(None)
+
     def _release_slot(self) -> None:
         # Hand the slot straight to the oldest waiter, so a newcomer cannot overtake it.
         while self._waiters:

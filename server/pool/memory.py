@@ -16,13 +16,9 @@ from pathlib import Path
 from server.pool.placement import Device
 from server.registry import ModelEntry
 from server.registry.engine_kinds import DEFAULT_CPU_KV_CACHE_BYTES
+from server.registry.memory import estimate_memory
 
 logger = logging.getLogger(__name__)
-
-GiB = 1 << 30
-# An engine's own processes (API side, EngineCore, worker) before weights and KV cache,
-# measured at about 1.4 GiB for vLLM on CPU.
-ENGINE_OVERHEAD_BYTES = 3 * GiB // 2
 
 
 def _gpu_memory_totals() -> list[int]:
@@ -64,7 +60,8 @@ def discover_devices(budget: int | None, *, share: float = 0.9) -> list[Device]:
 def memory_need(entry: ModelEntry, weights_dir: str, device: Device) -> int:
     """Bytes ``entry`` takes on its devices: the registry's figure, or an estimate.
 
-    The estimate is weights on disk plus the KV cache plus the engine's own processes. On
+    The estimate is weights on disk plus the KV cache plus the engine's own processes
+    (``server.registry.memory.estimate_memory``, the formula of the shipped figures). On
     a GPU with no KV-cache size the engine would take what it is given, so an unsized
     model is given whole devices.
     """
@@ -74,7 +71,7 @@ def memory_need(entry: ModelEntry, weights_dir: str, device: Device) -> int:
     if on_gpu and entry.kv_cache_memory is None:
         return device.budget * entry.tensor_parallel_size
     kv = int(entry.kv_cache_memory) if entry.kv_cache_memory is not None else DEFAULT_CPU_KV_CACHE_BYTES
-    return _weights_bytes(Path(weights_dir)) + kv + ENGINE_OVERHEAD_BYTES
+    return estimate_memory(_weights_bytes(Path(weights_dir)), kv)
 
 
 def _weights_bytes(directory: Path) -> int:

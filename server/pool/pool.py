@@ -32,8 +32,11 @@ adapter registered on that base, so one engine serves the base and all its fine-
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import enum
 import gc
+import itertools
 import logging
 import re
 import time
@@ -45,9 +48,11 @@ from server.engines.base import AdapterRef, Engine, LaunchOptions
 from server.errors import ModelNotFoundError, UnavailableError
 from server.pool.admission import AdmissionGate
 from server.pool.eviction import Resident, pick_victim
+from server.pool.live import ConflictError, RegistryChanges, adapter_weights_changed, compare, needs_new_engine
 from server.pool.memory import memory_need
 from server.pool.placement import Device, DevicePlanner, Placement
 from server.registry import ModelEntry, RegisteredModel, Registry
+from server.telemetry import Telemetry, phase
 from server.weights import lora_rank, resolve_source
 from server.weights.hub import HubError
 
@@ -70,11 +75,29 @@ WATCH_INTERVAL_SECONDS = 1.0
 
 
 def _start_vllm(
-    model_id: str, entry: ModelEntry, weights: str, adapters: Sequence[AdapterRef], launch: LaunchOptions
+    model_id: str,
+    entry: ModelEntry,
+    weights: str,
+    adapters: Sequence[AdapterRef],
+    launch: LaunchOptions,
+    *,
+    telemetry: Telemetry | None = None,
 ) -> Awaitable[Engine]:
     from server.engines.vllm_engine import VLLMEngine
 
-    return VLLMEngine.start(model_id, entry, weights, adapters, launch)
+    if telemetry is None:
+        return VLLMEngine.start(model_id, entry, weights, adapters, launch)
+    # vLLM's scheduler statistics (KV cache, preemptions, batch sizes) under the model's
+    # label, and its own spans sent where the server's go.
+    return VLLMEngine.start(
+        model_id,
+        entry,
+        weights,
+        adapters,
+        launch,
+        metrics=telemetry.metrics.engine(model_id),
+        traces_endpoint=telemetry.tracing.traces_url,
+    )
 
 
 def _start_transformers(
@@ -86,6 +109,10 @@ def _start_transformers(
 
 
 ENGINE_STARTERS: dict[str, EngineStarter] = {"vllm": _start_vllm, "transformers": _start_transformers}
+
+# Numbers slots in the order they were made: a new slot of a model ID waits only for the
+# retirement of slots made before it (``EnginePool.replace_registry``).
+_SLOT_SERIALS = itertools.count()
 
 
 class OverBudgetError(RuntimeError):
@@ -170,6 +197,9 @@ class _Slot:
         self.gate = AdmissionGate(registered.model_id, max_running=entry.max_running, max_queued=entry.max_queued)
         self.holders = 0  # requests holding or waiting for this engine
         self.last_used = clock()
+        self.serial = next(_SLOT_SERIALS)
+        self._idle = asyncio.Event()  # set while no request holds the engine
+        self._idle.set()
 
     @property
     def model_id(self) -> str:
@@ -194,12 +224,24 @@ class _Slot:
     def hold(self) -> None:
         """A request holds (or waits for) the engine: it is not evicted meanwhile."""
         self.holders += 1
+        self._idle.clear()
 
     def let_go(self) -> None:
         """A request holds the engine no more; the model counts as used now."""
         assert self.holders > 0, f"model {self.model_id}: let go more often than held"
         self.holders -= 1
         self.last_used = self._clock()
+        if self.holders == 0:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        """Until no request holds or waits for the engine."""
+        await self._idle.wait()
+
+    def update(self, registered: RegisteredModel) -> None:
+        """Take a changed entry that the running engine serves through (``live.SERVING_KEYS``)."""
+        self.registered = registered
+        self.gate.resize(max_running=registered.entry.max_running, max_queued=registered.entry.max_queued)
 
     # ----- where the engine runs -------------------------------------------------------
 
@@ -302,8 +344,13 @@ class EnginePool:
         sleep_mode: bool = False,
         starters: Mapping[str, EngineStarter] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        local_weights: bool = True,
     ):
         self._registry = registry
+        # False where engines run on other machines that fetch their own weights (a Ray
+        # cluster's ingress, server.cluster): starters then get the registry source as
+        # written, and no adapters, instead of weights made present here.
+        self._local_weights = local_weights
         # What keep-alive, back-off and health are judged by: tests pass a clock of their own.
         self._clock = clock
         self._home = home
@@ -311,7 +358,12 @@ class EnginePool:
         self._load_timeout = load_timeout
         self._keep_alive = keep_alive
         self._sleep_mode = sleep_mode
-        self._starters: Mapping[str, EngineStarter] = starters or ENGINE_STARTERS
+        self._starters: Mapping[str, EngineStarter] = starters or {
+            **ENGINE_STARTERS,
+            "vllm": self._start_vllm_reporting,
+        }
+        # Where loads, evictions, queue waits and the pool's state are reported (``report_to``).
+        self._telemetry: Telemetry | None = None
         # Adapters get no slot: they are served by their base's engine.
         self._slots = {m.model_id: _Slot(m, clock) for m in registry if not m.entry.is_adapter}
         self._adapters: dict[str, list[RegisteredModel]] = {}
@@ -324,6 +376,42 @@ class EnginePool:
         self._start_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
+        # Registry changes apply one at a time (``replace_registry``).
+        self._registry_lock = asyncio.Lock()
+        # Slots the registry no longer has, each shut down once its requests end.
+        self._retiring: dict[_Slot, asyncio.Task[None]] = {}
+        # Loads a registry change started (a replaced engine, a model pinned).
+        self._loads: set[asyncio.Task[None]] = set()
+
+    def _start_vllm_reporting(
+        self, model_id: str, entry: ModelEntry, weights: str, adapters: Sequence[AdapterRef], launch: LaunchOptions
+    ) -> Awaitable[Engine]:
+        return _start_vllm(model_id, entry, weights, adapters, launch, telemetry=self._telemetry)
+
+    def report_to(self, telemetry: Telemetry) -> None:
+        """Report to ``telemetry``: counters as things happen, gauges on each scrape."""
+        self._telemetry = telemetry
+        telemetry.metrics.on_scrape(self._report_state)
+
+    def _report_state(self) -> None:
+        if self._telemetry is None:
+            return
+        # Engines retired by a registry change hold their memory until they shut down, and
+        # serve what they hold until they drain: their requests count under their model
+        # (the state is the current slot's, if any).
+        models: dict[str, tuple[str, int, int]] = {}
+        draining = [slot for slot in self._retiring if slot.gate.running or slot.gate.queued]
+        for slot in [*draining, *self._slots.values()]:
+            _, running, queued = models.get(slot.model_id, ("", 0, 0))
+            models[slot.model_id] = (slot.state.value, running + slot.gate.running, queued + slot.gate.queued)
+        reserved = [
+            (_device_name(device), slot.model_id, slot.placement.bytes_per_device)
+            for slot in [*self._retiring, *self._slots.values()]
+            if slot.placement is not None and slot.state is not ModelState.SLEEPING
+            for device in slot.placement.devices
+        ]
+        self._telemetry.metrics.set_models((model, *row) for model, row in models.items())
+        self._telemetry.metrics.set_memory(reserved)
 
     # ----- looking models up -------------------------------------------------------
 
@@ -361,11 +449,16 @@ class EnginePool:
         slot = self._slot_of(registered)
         slot.hold()
         try:
-            engine = await self._ready_engine(slot)
+            with phase("model load") if slot.state is not ModelState.READY else contextlib.nullcontext():
+                engine = await self._ready_engine(slot)
             adapter_error = self._adapter_errors.get(registered.model_id)
             if adapter_error is not None:
                 raise UnavailableError(f"LoRA adapter '{registered.model_id}' {adapter_error}")
-            started = await slot.gate.enter()
+            with phase("queue wait"):
+                asked = time.monotonic()
+                started = await slot.gate.enter()
+            if self._telemetry is not None:
+                self._telemetry.metrics.queue_wait.labels(model=registered.model_id).observe(started - asked)
         except BaseException:
             slot.let_go()
             raise
@@ -399,10 +492,16 @@ class EnginePool:
 
     async def _load(self, slot: _Slot) -> Engine:
         model_id = slot.model_id
+        restart = slot.state is ModelState.FAILED
         slot.mark_loading()
         started = self._clock()
         waking = False
         try:
+            # An engine this slot replaces still holds its memory (and its placement,
+            # under the same ID) until its last request ends.
+            for retiring, task in list(self._retiring.items()):
+                if retiring.model_id == model_id and retiring.serial < slot.serial:
+                    await asyncio.wait([task])
             async with self._start_lock:
                 # Decided under the lock: the watcher may have been putting the model to
                 # sleep or unloading it. An engine still here is asleep (a dead one is
@@ -424,14 +523,18 @@ class EnginePool:
             slot.load_task = None
         slot.mark_ready(engine, loading_since=started)
         logger.info("model %s ready in %.1f s", model_id, slot.load_seconds)
+        if self._telemetry is not None:
+            self._telemetry.metrics.loaded(model_id, slot.load_seconds or 0.0, woken=waking, restart=restart)
         _freeze_gc_heap()
         return engine
 
     async def _start(self, slot: _Slot) -> Engine:
         model_id, entry = slot.model_id, slot.registered.entry
         assert entry.source is not None, "an entry with an engine of its own names its weights"
-        weights = await asyncio.to_thread(resolve_source, entry.source, self._home, revision=entry.revision)
-        adapters = await asyncio.to_thread(self._resolve_adapters, model_id)
+        weights, adapters = entry.source, []
+        if self._local_weights:
+            weights = await asyncio.to_thread(resolve_source, entry.source, self._home, revision=entry.revision)
+            adapters = await asyncio.to_thread(self._resolve_adapters, model_id)
         launch = LaunchOptions(enable_sleep=self._sleep_mode)
         if self._planner is not None:
             placement = await self._make_room(slot, weights)
@@ -499,6 +602,8 @@ class EnginePool:
         """
         engine = slot.engine
         assert engine is not None
+        if self._telemetry is not None:
+            self._telemetry.metrics.model_evictions.labels(model=slot.model_id).inc()
         if self._sleep_mode and engine.supports_sleep:
             logger.info("putting model %s to sleep %s", slot.model_id, reason)
             slot.mark_sleeping()
@@ -550,19 +655,178 @@ class EnginePool:
         An adapter that cannot be made present (say, the hub is unreachable) is left out
         rather than failing the load: the base and its other adapters still serve.
         """
-        adapters = []
-        for registered in self._adapters.get(base_id, []):
-            adapter_id, entry = registered.model_id, registered.entry
-            assert entry.adapter is not None, "an entry on a base is a LoRA adapter"
-            try:
-                path = resolve_source(entry.adapter, self._home, revision=entry.revision)
-                adapters.append(AdapterRef(adapter_id, path, lora_rank(path)))
-            except Exception as exc:
-                self._adapter_errors[adapter_id] = f"failed to load ({_public_reason(exc)})"
-                logger.error("LoRA adapter %s left out of model %s", adapter_id, base_id, exc_info=exc)
+        refs = (self._resolve_adapter(registered) for registered in self._adapters.get(base_id, []))
+        return [ref for ref in refs if ref is not None]
+
+    # ----- changing what is served, while serving ----------------------------------
+
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
+    async def replace_registry(self, registry: Registry) -> RegistryChanges:
+        """Serve ``registry`` from now on; no request in flight is cut short.
+
+        A model whose entry changed in what its engine was started with
+        (``live.needs_new_engine``), or that left the registry, gets a fresh slot (or
+        none). Its old slot is retired: its engine goes on serving the requests that hold
+        it and is shut down once they end (``_retire``); requests that arrive meanwhile go
+        to the new slot, whose engine starts only once the old one is gone, so the two
+        never count on the same memory. A replaced model that was loaded (and a model
+        newly pinned) is loaded again at once. Other entry changes apply in place.
+
+        A new adapter on a base whose engine runs is handed to that engine
+        (``Engine.add_adapter``, vLLM's runtime LoRA loading); an engine that cannot take
+        it (started without LoRA) is restarted as above. This happens under the start
+        lock with the swap itself, so no engine is starting with the old list of adapters
+        meanwhile. Changes apply one at a time.
+        """
+        async with self._registry_lock:
+            changes = compare(self._registry, registry)
+            async with self._start_lock:
+                restart = {m.model_id for m in registry if self._needs_restart(m)}
+                live = []
+                for adapter in registry:
+                    if not self._adapter_is_new(adapter):
+                        continue
+                    base = adapter.entry.base
+                    slot = self._slots.get(base or "")
+                    if base in restart or slot is None or slot.engine is None or not self._local_weights:
+                        continue  # the base's next engine starts with it (or is not here to take it)
+                    ref = await asyncio.to_thread(self._resolve_adapter, adapter)
+                    if ref is None:
+                        continue  # left out, as at a start: the base serves on
+                    if slot.engine.add_adapter(ref):
+                        live.append(adapter.model_id)
+                        logger.info("model %s serves LoRA adapter %s from now on", slot.model_id, adapter.model_id)
+                    else:
+                        restart.add(slot.model_id)
+                retired, reload = self._install(registry, restart)
+            for slot in retired:
+                self._retiring[slot] = asyncio.create_task(self._retire(slot))
+            for slot in reload:
+                task = asyncio.create_task(self._load_in_background(slot))
+                self._loads.add(task)
+                task.add_done_callback(self._loads.discard)
+            restarted = sorted(
+                s.model_id for s in retired if (s.engine or s.load_task) is not None and s.model_id in self._slots
+            )
+            return dataclasses.replace(changes, restarted=tuple(restarted), live_adapters=tuple(live))
+
+    def _needs_restart(self, registered: RegisteredModel) -> bool:
+        before = self._registry.model(registered.model_id)
+        return (
+            not registered.entry.is_adapter
+            and before is not None
+            and not before.entry.is_adapter
+            and needs_new_engine(before.entry, registered.entry)
+        )
+
+    def _adapter_is_new(self, registered: RegisteredModel) -> bool:
+        """An adapter entry its base's running engine may not have: new, or with other weights."""
+        if not registered.entry.is_adapter:
+            return False
+        before = self._registry.model(registered.model_id)
+        return before is None or not before.entry.is_adapter or adapter_weights_changed(before.entry, registered.entry)
+
+    def _install(self, registry: Registry, restart: set[str]) -> tuple[list[_Slot], list[_Slot]]:
+        """Swap to ``registry`` (synchronously: no request sees half of it); the slots
+        retired, and the new slots to load at once."""
+        slots: dict[str, _Slot] = {}
+        for registered in registry:
+            if registered.entry.is_adapter:
+                continue
+            slot = self._slots.get(registered.model_id)
+            if slot is None or registered.model_id in restart:
+                slot = _Slot(registered, self._clock)
             else:
-                self._adapter_errors.pop(adapter_id, None)
-        return adapters
+                slot.update(registered)
+            slots[registered.model_id] = slot
+        retired = [slot for slot in self._slots.values() if slots.get(slot.model_id) is not slot]
+        reload = [
+            slots[old.model_id]
+            for old in retired
+            if old.model_id in slots and (old.engine is not None or old.load_task is not None)
+        ]
+        reload += [s for s in slots.values() if s.registered.entry.pinned and s.engine is None and s not in reload]
+        adapters: dict[str, list[RegisteredModel]] = {}
+        for registered in registry:
+            if registered.entry.base is not None:
+                adapters.setdefault(registered.entry.base, []).append(registered)
+        for adapter_id in list(self._adapter_errors):
+            gone = registry.model(adapter_id)
+            if gone is None or not gone.entry.is_adapter:
+                self._adapter_errors.pop(adapter_id)
+        self._registry, self._slots, self._adapters = registry, slots, adapters
+        return retired, reload
+
+    async def _retire(self, slot: _Slot) -> None:
+        """Shut a retired slot's engine down once the requests that hold it have ended."""
+        try:
+            if slot.load_task is not None:
+                await asyncio.wait([slot.load_task])
+            await slot.drained()
+            async with self._start_lock:
+                if slot.engine is not None:
+                    logger.info("unloading model %s: its registry entry was replaced or removed", slot.model_id)
+                    await self._unload(slot)
+        finally:
+            self._retiring.pop(slot, None)
+
+    async def _load_in_background(self, slot: _Slot) -> None:
+        try:
+            await self._ready_engine(slot)
+        except Exception as exc:
+            logger.error("loading %s after a registry change failed: %s", slot.model_id, exc)
+
+    async def load(self, name: str) -> None:
+        """Load the engine serving ``name`` now, as a first request would."""
+        slot = self._slot_of(self.lookup(name))
+        slot.hold()
+        try:
+            await self._ready_engine(slot)
+        finally:
+            slot.let_go()
+
+    async def unload(self, name: str) -> None:
+        """Unload the engine serving ``name`` now.
+
+        ``ConflictError`` while the engine serves or waits for requests, or the model is
+        pinned: an unload never cuts a request short. The next request loads it again.
+        """
+        registered = self.lookup(name)
+        if registered.entry.base is not None:
+            raise ConflictError(
+                f"'{name}' is a LoRA adapter served by the engine of model '{registered.entry.base}'; unload that model",
+                param="model",
+            )
+        slot = self._slot_of(registered)
+        if slot.registered.entry.pinned:
+            raise ConflictError(f"model '{slot.model_id}' is pinned; unpin it first", param="model")
+        async with self._start_lock:
+            if slot.holders:
+                raise ConflictError(
+                    f"model '{slot.model_id}' is serving {slot.holders} request(s); unload it once they have ended",
+                    param="model",
+                )
+            if slot.engine is not None and self._slots.get(slot.model_id) is slot:
+                logger.info("unloading model %s, as an operator asked", slot.model_id)
+                await self._unload(slot)
+
+    def _resolve_adapter(self, registered: RegisteredModel) -> AdapterRef | None:
+        """One adapter's weights made present; blocks. None (and the reason recorded, as
+        at a start) when they cannot be."""
+        entry = registered.entry
+        assert entry.adapter is not None, "an entry on a base is a LoRA adapter"
+        try:
+            path = resolve_source(entry.adapter, self._home, revision=entry.revision)
+            ref = AdapterRef(registered.model_id, path, lora_rank(path))
+        except Exception as exc:
+            self._adapter_errors[registered.model_id] = f"failed to load ({_public_reason(exc)})"
+            logger.error("LoRA adapter %s left out of model %s", registered.model_id, entry.base, exc_info=exc)
+            return None
+        self._adapter_errors.pop(registered.model_id, None)
+        return ref
 
     # ----- lifecycle -----------------------------------------------------------------
 
@@ -617,7 +881,8 @@ class EnginePool:
         return slot.evictable and self._clock() - slot.last_used > seconds
 
     def is_ready(self, names: Iterable[str]) -> bool:
-        return all(self._slot_of(self.lookup(n)).state is ModelState.READY for n in names)
+        # A model removed from the registry since start-up (admin API) is waited for no more.
+        return all(self._slot_of(self.lookup(n)).state is ModelState.READY for n in names if n in self._registry)
 
     def status(self) -> list[ModelStatus]:
         """Every registered model; an adapter shows the state of its base's engine."""
@@ -652,15 +917,24 @@ class EnginePool:
         self._closed = True
         if self._watcher is not None:
             self._watcher.cancel()
-        for slot in self._slots.values():
+        # Retired slots still holding engines go down with the rest.
+        slots = [*self._slots.values(), *self._retiring]
+        for task in [*self._retiring.values(), *self._loads]:
+            task.cancel()
+        for slot in slots:
             if slot.load_task is not None:
                 slot.load_task.cancel()
         # The cancelled loads and watcher let go of the lock as they end.
         async with self._start_lock:
-            for slot in self._slots.values():
+            for slot in slots:
                 if slot.engine is not None:
                     logger.info("shutting down model %s", slot.model_id)
                     await self._unload(slot)
+
+
+def _device_name(device: Device) -> str:
+    """A device as metrics label it: ``gpu0``, ``gpu1`` ... or ``host``."""
+    return "host" if device.index is None else f"gpu{device.index}"
 
 
 def _backoff(failures: int) -> float:

@@ -348,6 +348,8 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None = None
     code: int
+    # The request's ID (``x-request-id``), to quote to the operator; absent outside a request.
+    request_id: str | None = None
 
 
 class ErrorResponse(BaseModel):

@@ -58,6 +58,7 @@ class Registry:
         hosted_vendor_ids: Iterable[str] = (),
     ):
         self._models = dict(models)
+        self._aliases = dict(aliases or {})
         self.hosted_vendor_ids = frozenset(hosted_vendor_ids)
         self._names: dict[str, str] = {}
         for model_id, registered in self._models.items():
@@ -98,6 +99,25 @@ class Registry:
     def resolve(self, name: str) -> RegisteredModel | None:
         model_id = self._names.get(name)
         return None if model_id is None else self._models[model_id]
+
+    def model(self, model_id: str) -> RegisteredModel | None:
+        """The entry registered under exactly ``model_id`` (not an alias)."""
+        return self._models.get(model_id)
+
+    def with_changes(self, put: Mapping[str, ModelEntry], removed: Iterable[str] = (), *, origin: Path) -> Registry:
+        """A new registry with the ``put`` entries added or replaced (from ``origin``) and the
+        ``removed`` IDs gone, checked as a whole as ``load_registry`` checks files.
+
+        An entry replaces one of the same ID whole, and a model ID takes over a top-level
+        alias of that name, as a later file does. Raises ``RegistryError`` for what loading
+        would refuse: a clash of names, an adapter whose base is gone, an alias of a removed
+        model.
+        """
+        gone = set(removed)
+        models = {model_id: m for model_id, m in self._models.items() if model_id not in gone}
+        models.update({model_id: RegisteredModel(model_id, entry, origin) for model_id, entry in put.items()})
+        aliases = {name: alias for name, alias in self._aliases.items() if name not in models}
+        return Registry(models, aliases, self.hosted_vendor_ids)
 
     def __iter__(self) -> Iterator[RegisteredModel]:
         return iter(self._models.values())
@@ -152,10 +172,16 @@ def read_registry_file(path: Path) -> RegistryFile:
         raise RegistryError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise RegistryError(f"{path}: a registry file must be a mapping with a 'models' key")
+    return validate_registry_data(raw, path)
+
+
+def validate_registry_data(raw: dict[str, Any], origin: Path) -> RegistryFile:
+    """Validate the parsed content of a registry file (or an entry sent to the admin API
+    as ``{"models": {ID: entry}}``); errors name ``origin``, the model ID and the key."""
     try:
         return RegistryFile.model_validate(raw)
     except ValidationError as exc:
-        raise RegistryError("\n".join(_describe(path, e) for e in exc.errors())) from exc
+        raise RegistryError("\n".join(_describe(origin, e) for e in exc.errors())) from exc
 
 
 def load_registry(overlays: Iterable[Path] = (), *, shipped: Path | None = SHIPPED_REGISTRY) -> Registry:

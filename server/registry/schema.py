@@ -165,9 +165,10 @@ class ModelEntry(BaseModel):
     )
     memory: ByteSize | None = Field(
         default=None,
-        description="Memory the engine needs in all, weights plus KV cache, e.g. `40GiB`; the engine pool "
-        "places and evicts models by it. Unset: weights on disk + KV cache + engine processes, and on a GPU "
-        "without `kv_cache_memory`, whole devices.",
+        description="Memory the engine needs in all, weights + KV cache + the engine processes' overhead, e.g. "
+        "`40GiB`; the engine pool places and evicts models by it. The shipped figures are "
+        "`server/registry/memory.py`'s formula (`scripts/gen_memory.py`). Unset: the same formula with the "
+        "weights on disk, and on a GPU without `kv_cache_memory`, whole devices.",
     )
     gated: bool = Field(
         default=False,

@@ -25,12 +25,12 @@ import functools
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+from server import telemetry
 from server.errors import InvalidRequestError
 from server.pool import EnginePool, PreparedRequest
 from server.protocol import v4
@@ -163,6 +163,7 @@ class ChatCompletions:
         with ``add_special_tokens=False``) and engines report their special tokens.
         """
         registered = self._pool.lookup(request.model)
+        telemetry.serving(registered.model_id, account_id)
         entry = registered.entry
         _check_request(request)
         (prompt,) = request.prompts
@@ -184,7 +185,7 @@ class ChatCompletions:
         except BaseException:
             lease.release()
             raise
-        request_id = f"{request.id_prefix}-{uuid.uuid4().hex}"
+        request_id = telemetry.engine_request_id(request.id_prefix)
         return PendingGeneration(
             lease,
             [Choice(index=0, prompt_index=0, request=prepared, request_id=request_id)],

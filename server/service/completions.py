@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
+from server import telemetry
 from server.errors import InvalidRequestError
 from server.pool import Engine, EnginePool, PreparedRequest, SamplingOptions
 from server.protocol.v4 import Completion, CompletionRequest, CompletionResponse, Image, TokenUsage
@@ -120,6 +120,7 @@ class CompletionService:
     async def prepare_generation(self, request: GenerationRequest, account_id: str | None = None) -> PendingGeneration:
         """Any API's request, ready to generate; the caller must ``close`` what it returns."""
         registered = self._pool.lookup(request.model)
+        telemetry.serving(registered.model_id, account_id)
         entry = registered.entry
         _check_request(request)
         images = await self._images(request, entry)
@@ -146,7 +147,7 @@ class CompletionService:
         except BaseException:
             lease.release()
             raise
-        request_id = f"{request.id_prefix}-{uuid.uuid4().hex}"
+        request_id = telemetry.engine_request_id(request.id_prefix)
         choices = [
             Choice(
                 index=prompt_index * request.n + sample,
@@ -184,13 +185,14 @@ class CompletionService:
                 f"model '{request.model}' does not accept images; send images only to a vision model",
                 param="images" if request.images else wanted[0].param,
             )
-        images = await read_images(
-            [Image(image_url=image.url) for image in wanted],
-            self._image_policy,
-            max_images=entry.vision.max_images,
-            params=[image.param for image in wanted],
-            count_param="images" if request.images else "messages",
-        )
+        with telemetry.phase("image fetch"):
+            images = await read_images(
+                [Image(image_url=image.url) for image in wanted],
+                self._image_policy,
+                max_images=entry.vision.max_images,
+                params=[image.param for image in wanted],
+                count_param="images" if request.images else "messages",
+            )
         self._pixels.check(sum(image.pixels for image in images))
         return images
 

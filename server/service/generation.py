@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from server import telemetry
 from server.engines import TokenLogprob
 from server.errors import ServingError
 from server.pool import Engine, GenerationDelta, Lease, PreparedRequest
@@ -104,6 +105,8 @@ class PendingGeneration:
         self._echo_only = echo_only
         prompts = {choice.prompt_index: choice.request.prompt_tokens for choice in self._choices}
         self.prompt_tokens = sum(prompts.values())
+        # The HTTP request this serves, told of its tokens as they come (None outside one).
+        self._telemetry = telemetry.current()
 
     @property
     def choice_count(self) -> int:
@@ -150,6 +153,8 @@ class PendingGeneration:
         return self._merged(stream=True)
 
     async def _merged(self, *, stream: bool) -> AsyncGenerator[ChoiceDelta, None]:
+        if self._telemetry is not None:
+            self._telemetry.generation_started(self.prompt_tokens, stream=stream)
         try:
             if len(self._choices) == 1:
                 async with aclosing(self._choice_deltas(self._choices[0], stream=stream)) as deltas:
@@ -217,6 +222,8 @@ class PendingGeneration:
                                 choice.index, choice.echo or "", last.prompt_tokens, 0, "length", prompt_logprobs
                             )
                         continue
+                    if self._telemetry is not None:
+                        self._telemetry.delta(choice.index, last.completion_tokens)
                     text, logprobs = last.text, last.logprobs
                     if not echoed:
                         echoed = True
@@ -232,10 +239,14 @@ class PendingGeneration:
                 choice.outcome = f"finish={last.finish_reason if last else None}"
         except ServingError as exc:
             choice.outcome, choice.failed = f"failed: {exc.message}", True
+            if self._telemetry is not None:
+                self._telemetry.failed(exc.status_code)
             await self._abort(choice)
             raise
         except Exception as exc:
             choice.outcome, choice.failed = f"failed: {type(exc).__name__}", True
+            if self._telemetry is not None:
+                self._telemetry.failed(500)
             await self._abort(choice)
             raise
 

@@ -10,12 +10,15 @@ outputs across runs.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from server.weights.architectures import ARCHITECTURES, GENERATED, TOKEN_IDS, ArchitectureSpec
 
 TOKENIZER_VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>"]
@@ -136,7 +139,6 @@ def build_tiny_llava(directory: Path, *, seed: int = 0) -> None:
     import torch
     from transformers import (
         CLIPImageProcessor,
-        CLIPVisionConfig,
         GenerationConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -148,15 +150,7 @@ def build_tiny_llava(directory: Path, *, seed: int = 0) -> None:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     tokenizer.chat_template = VISION_CHAT_TEMPLATE
-    vision = CLIPVisionConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=VISION_IMAGE_SIZE,
-        patch_size=VISION_PATCH_SIZE,
-        projection_dim=128,
-    )
+    vision = _tiny_clip()
     image_tokens = (VISION_IMAGE_SIZE // VISION_PATCH_SIZE) ** 2
     config = LlavaConfig(
         vision_config=vision,
@@ -269,8 +263,9 @@ def _save_random(model_class: Any, config: Any, directory: Path, seed: int, **ge
     model.save_pretrained(directory, safe_serialization=True)
 
 
-def build_tiny_llama_lora(directory: Path, base: Path, *, seed: int = 0) -> None:
-    """A rank-8 LoRA adapter for the tiny Llama in ``base``, saved as PEFT saves a fine-tune.
+def build_lora(directory: Path, base: Path, *, targets: Sequence[str], seed: int = 0) -> None:
+    """A rank-8 LoRA adapter on ``targets`` of the tiny model in ``base``, saved as PEFT
+    saves a fine-tune.
 
     PEFT starts ``lora_B`` at zero so that training begins at the base model, which would
     make an untrained adapter a no-op that no test could tell apart from the base.
@@ -279,17 +274,14 @@ def build_tiny_llama_lora(directory: Path, base: Path, *, seed: int = 0) -> None
     """
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     # An adapter depends only on the base's module shapes, not on its weights.
-    model = LlamaForCausalLM(LlamaConfig.from_pretrained(base))
+    base_config = AutoConfig.from_pretrained(base)
+    base_config.name_or_path = ""  # the base's local path would end up in the adapter's README
+    model = AutoModelForCausalLM.from_config(base_config)
     torch.manual_seed(seed)
-    config = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-        init_lora_weights=False,
-    )
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), init_lora_weights=False)
     adapter = get_peft_model(model, config)
     # For byte-identical files: PEFT keeps target_modules in a set, whose order varies
     # between runs, and the base's local path varies between machines.
@@ -300,16 +292,131 @@ def build_tiny_llama_lora(directory: Path, base: Path, *, seed: int = 0) -> None
     adapter.save_pretrained(directory, save_embedding_layers=False)
 
 
+def build_from_spec(spec: ArchitectureSpec, directory: Path, *, seed: int = 0) -> None:
+    """The tiny model of one row of ``server.weights.architectures``: its config class with
+    the row's settings, random float32 weights from ``seed``, the shared tokenizer (and for
+    a vision model, its processor)."""
+    _train_tokenizer(directory)
+    config = transformers_class(spec.config_class)(**spec.config)
+    if spec.vision is not None:
+        _VISION_BUILDERS[spec.vision](spec, config, directory, seed)
+        return
+    _save_random(transformers_class(spec.model_class), config, directory, seed, **TOKEN_IDS)
+
+
+def _tiny_clip() -> Any:
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=VISION_IMAGE_SIZE,
+        patch_size=VISION_PATCH_SIZE,
+        projection_dim=128,
+    )
+
+
+def _vision_tokenizer(directory: Path, tokens: Sequence[str]) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)})
+    tokenizer.chat_template = VISION_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _build_llava_next(spec: ArchitectureSpec, config: Any, directory: Path, seed: int) -> None:
+    """LLaVA-NeXT in small: the tiny CLIP tower (56 px tiles) on a Mistral language model.
+
+    An image is cut into tiles on the best-fitting grid pinpoint, plus one downscaled
+    whole; each tile gives 16 feature tokens, and each row of tiles a newline embedding.
+    """
+    from transformers import LlavaNextConfig, LlavaNextImageProcessor, LlavaNextProcessor
+
+    tokenizer = _vision_tokenizer(directory, [IMAGE_TOKEN])
+    side, pinpoints = VISION_IMAGE_SIZE, [[56, 112], [112, 56], [112, 112]]
+    config = LlavaNextConfig(
+        vision_config=_tiny_clip(),
+        text_config=config.text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=(side // VISION_PATCH_SIZE) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    _save_random(transformers_class(spec.model_class), config, directory, seed, **TOKEN_IDS)
+    _classic_llava_keys(directory / "model.safetensors")
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}, image_grid_pinpoints=pinpoints
+        ),
+        tokenizer=tokenizer,
+        patch_size=VISION_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(directory)
+
+
+# Qwen2-VL's own spelling of an image in a prompt, which its processor expands into one
+# <|image_pad|> per merged patch.
+QWEN2_VL_IMAGE_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+# Its processor resizes images to between these many pixels (multiples of 28 a side): a
+# 56x56 image gives 2x2 merged patches, 4 image tokens.
+QWEN2_VL_PIXELS = (56 * 56, 112 * 112)
+
+
+def _build_qwen2_vl(spec: ArchitectureSpec, config: Any, directory: Path, seed: int) -> None:
+    """Qwen2-VL in small: its vision tower (14 px patches merged 2x2) and M-RoPE text model."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = _vision_tokenizer(directory, QWEN2_VL_IMAGE_TOKENS)
+    start, pad, end, video = (tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_IMAGE_TOKENS)
+    config.image_token_id, config.video_token_id = pad, video
+    config.vision_start_token_id, config.vision_end_token_id = start, end
+    # The added tokens are embedded as text (all but the image pads), so the vocabulary must hold them.
+    config.text_config.vocab_size = len(tokenizer)
+    config.vision_config.out_hidden_size = config.text_config.hidden_size
+    _save_random(transformers_class(spec.model_class), config, directory, seed, **TOKEN_IDS)
+    least, most = QWEN2_VL_PIXELS
+    size = {"shortest_edge": least, "longest_edge": most}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size),
+        video_processor=Qwen2VLVideoProcessor(size=size),
+        tokenizer=tokenizer,
+    )
+    processor.save_pretrained(directory)
+
+
+def transformers_class(name: str) -> Any:
+    """The transformers class called ``name``."""
+    import transformers
+
+    return getattr(transformers, name)
+
+
+_VISION_BUILDERS: dict[str, Callable[[ArchitectureSpec, Any, Path, int], None]] = {
+    "llava_next": _build_llava_next,
+    "qwen2_vl": _build_qwen2_vl,
+}
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-llama": build_tiny_llama,
     "tiny-t5": build_tiny_t5,
     "tiny-mpt": build_tiny_mpt,
     "tiny-llava": build_tiny_llava,
+    # One tiny model per architecture of the shipped registry (server/weights/architectures.py).
+    **{spec.builtin: functools.partial(build_from_spec, spec) for spec in GENERATED},
 }
 
 # LoRA adapters, each made for another builtin: name -> (base, builder(directory, base_dir)).
 ADAPTER_BUILDERS: dict[str, tuple[str, Callable[[Path, Path], None]]] = {
-    "tiny-llama-lora": ("tiny-llama", build_tiny_llama_lora),
+    spec.adapter: (spec.builtin, functools.partial(build_lora, targets=spec.lora_targets))
+    for spec in ARCHITECTURES
+    if spec.adapter is not None
 }
 
 

@@ -10,7 +10,6 @@ validation is a 400 here, as in OpenAI's and vLLM's APIs (the ``/v4`` routes ans
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
@@ -21,13 +20,14 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from server.api.auth import Caller, current_caller
-from server.api.errors import error_body, error_responses
+from server.api.errors import error_responses
 from server.api.openai.sse import openai_events
 from server.api.state import State
 from server.api.streaming import EventStreamResponse, cancel_on_disconnect
 from server.protocol import openai as oa
 from server.service import GenerationResult, PendingGeneration
 from server.service import openai as service_openai
+from server.service.error_bodies import openai_validation_error
 
 # nginx's "client closed request": the caller left before the answer was ready.
 CLIENT_CLOSED_REQUEST = 499
@@ -52,31 +52,8 @@ class OpenAIRoute(APIRoute):
 
 
 def validation_error(exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
-        detail = first.get("ctx", {}).get("error", "")
-        message = f"the request body is not valid JSON: {detail}".rstrip(": ")
-        return JSONResponse(error_body(message, "invalid_json", 400, "body"), 400)
-    messages = [f"{_field(error.get('loc', ()))}: {_message(error)}" for error in errors]
-    body = error_body("; ".join(messages), "invalid_request_error", 400, _field(first.get("loc", ())))
-    return JSONResponse(body, 400)
-
-
-def _field(loc: Any) -> str:
-    # Leaves out "body" and the labels pydantic gives the members of a union
-    # ("function-after[...]", "list[...]"), which name no field of the request.
-    parts = [str(part) for part in loc if part != "body" and not _UNION_LABEL.search(str(part))]
-    return ".".join(parts) or "body"
-
-
-_UNION_LABEL = re.compile(r"[\[\]()-]")
-
-
-def _message(error: Any) -> str:
-    if error.get("type") == "extra_forbidden":
-        return "unknown field; this server does not implement it"
-    return str(error.get("msg", "invalid"))
+    status, body = openai_validation_error(exc.errors())
+    return JSONResponse(body, status)
 
 
 router = APIRouter(route_class=OpenAIRoute)

@@ -1,0 +1,220 @@
+"""The batch job's parts, in process: reading lines, the exactly-once result log, the
+order models run in, progress, and ``v4serve batch``'s exit status when the job cannot run.
+
+The engines are stand-ins (tests/in_process.py) behind the real pool and services; the
+real engine and a real ``kill -9`` are tests/test_batch_cli.py's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.batch.endpoints import Endpoints
+from server.batch.job import NO_MODEL, run_job
+from server.batch.lines import BatchLine, LineFault, check_lines
+from server.batch.progress import Progress, summary
+from server.batch.results import OutputBusyError, ResultLog
+from server.batch.store import RESULT_PURPOSE, BatchStore
+from server.cli import main
+from tests.conftest import FIXTURES
+from tests.in_process import cached_registry, serve_in_process
+
+
+def raw(custom_id: Any, model: str = "tiny-llama", url: str = "/v1/completions", **extra: Any) -> bytes:
+    line = {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": model, "prompt": "a b"}, **extra}
+    return json.dumps(line).encode() + b"\n"
+
+
+def test_lines_that_cannot_run_are_faults_and_the_rest_are_requests() -> None:
+    lines = [
+        raw("a"),
+        b"\n",  # blank lines are skipped, and still count for line numbers
+        b"{oops\n",
+        b"[1, 2]\n",
+        json.dumps({"url": "/v1/completions", "body": {}}).encode(),
+        raw(""),
+        raw("x" * 513),
+        raw("b", method="GET"),
+        raw("c", url="/v1/embeddings"),
+        raw("d", body=[1]),
+        raw("a"),
+        raw("e", url="/v4/completions"),
+    ]
+    checked = list(check_lines(lines))
+    assert isinstance(checked[0], BatchLine) and checked[0].number == 1 and checked[0].model == "tiny-llama"
+    faults = [(item.number, item.custom_id, item.code) for item in checked if isinstance(item, LineFault)]
+    assert faults == [
+        (3, None, "invalid_json_line"),
+        (4, None, "invalid_request"),
+        (5, None, "missing_custom_id"),
+        (6, None, "missing_custom_id"),
+        (7, None, "invalid_custom_id"),
+        (8, "b", "invalid_method"),
+        (9, "c", "invalid_url"),
+        (10, "d", "invalid_body"),
+        (11, "a", "duplicate_custom_id"),
+    ]
+    assert isinstance(checked[-1], BatchLine) and checked[-1].url == "/v4/completions"
+    # The HTTP batch API holds every line to the batch's endpoint.
+    (mismatch,) = check_lines([raw("e", url="/v4/completions")], endpoint="/v1/completions")
+    assert isinstance(mismatch, LineFault) and mismatch.code == "mismatched_url"
+
+
+def record(custom_id: str | None, status: int | None = 200, line: int | None = None) -> dict[str, Any]:
+    response = None if status is None else {"status_code": status, "request_id": "r", "body": {}}
+    error = None if line is None else {"code": "invalid_json_line", "message": "m", "line": line}
+    return {"id": "batch_req_1", "custom_id": custom_id, "response": response, "error": error}
+
+
+def test_the_result_log_cuts_a_torn_last_line_and_knows_what_is_answered(tmp_path: Path) -> None:
+    output = tmp_path / "out.jsonl"
+    whole = [json.dumps(record("a")), json.dumps(record("b", 404)), json.dumps(record(None, None, 7))]
+    # What a kill in the middle of a write leaves: the last line without its end.
+    output.write_text("\n".join(whole) + "\n" + json.dumps(record("c"))[:25])
+    log = ResultLog(output)
+    try:
+        answered = log.answered
+        assert (answered.ran, answered.faults, answered.ok, answered.failed) == ({"a", "b"}, {7}, 1, 2)
+        assert output.read_text() == "\n".join(whole) + "\n"
+        assert answered.holds(BatchLine(1, "a", "/v1/completions", {}))
+        assert not answered.holds(BatchLine(2, "c", "/v1/completions", {}))
+        assert answered.holds(LineFault(7, None, "invalid_json_line", "m"))
+        assert not answered.holds(LineFault(8, None, "invalid_json_line", "m"))
+        log.write(record("c"))
+        # A second job on the same output is refused while this one holds it.
+        with pytest.raises(OutputBusyError):
+            ResultLog(output)
+    finally:
+        log.close()
+    assert [json.loads(line)["custom_id"] for line in output.read_text().splitlines()] == ["a", "b", None, "c"]
+    ResultLog(output).close()  # free again once closed
+
+
+def test_the_http_batch_api_log_splits_successes_from_failures(tmp_path: Path) -> None:
+    log = ResultLog(tmp_path / "ok.jsonl", tmp_path / "errors.jsonl")
+    for item in (record("a"), record("b", 400), record(None, None, 3)):
+        log.write(item)
+    log.close()
+    assert [json.loads(x)["custom_id"] for x in (tmp_path / "ok.jsonl").read_text().splitlines()] == ["a"]
+    assert len((tmp_path / "errors.jsonl").read_text().splitlines()) == 2
+    again = ResultLog(tmp_path / "ok.jsonl", tmp_path / "errors.jsonl")
+    assert (again.answered.ran, again.answered.faults) == ({"a", "b"}, {3})
+    again.close()
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def model_started(self, model: str, total: int) -> None:
+        self.events.append(("start", (model, total)))
+
+    def line_done(self, ok: bool, completion_tokens: int) -> None:
+        self.events.append(("line", (ok, completion_tokens)))
+
+    def model_finished(self) -> None:
+        self.events.append(("end", None))
+
+
+async def test_a_job_loads_each_engine_once_loaded_ones_first_and_resumes(tmp_path: Path) -> None:
+    """Lines for tiny-c, tiny-a (loaded), an unknown model, tiny-b, mixed in the input:
+    the unknown model's run first (no load), then tiny-a's, then the others as first named.
+    A second run over the same output runs nothing."""
+    registry = cached_registry(FIXTURES / "multi_overlay.yaml")
+    models = ["tiny-c", "tiny-a", "nope", "tiny-b"] * 3
+    lines = [raw(f"{model}-{i}", model) for i, model in enumerate(models)] + [b"{torn\n"]
+    items = list(check_lines(lines))
+    async with serve_in_process(tmp_path, registry=registry, preload=["tiny-a"]) as server:
+        state = server.app.state.v4
+        endpoints = Endpoints(state.service, state.chat)
+        seen = Seen()
+        log = ResultLog(tmp_path / "out.jsonl")
+        done = await run_job(items, log, pool=state.pool, endpoints=endpoints, observer=seen)
+        log.close()
+        assert [event for kind, event in seen.events if kind == "start"] == [
+            (NO_MODEL, 3),
+            ("tiny-a", 3),
+            ("tiny-c", 3),
+            ("tiny-b", 3),
+        ]
+        assert (done.ok, done.failed, done.skipped) == (9, 4, 0)
+        assert done.completion_tokens == 9 * 16  # the /v1 default max_tokens, one token a step
+        # Each engine started once, for its own lines.
+        assert sorted(server.engines) == ["tiny-a", "tiny-b", "tiny-c"]
+        assert all(len(engine.prepared) == 3 for engine in server.engines.values())
+
+        log = ResultLog(tmp_path / "out.jsonl")
+        again = await run_job(items, log, pool=state.pool, endpoints=endpoints)
+        log.close()
+        assert (again.ok, again.failed, again.skipped) == (0, 0, 13)
+        assert all(len(engine.prepared) == 3 for engine in server.engines.values())
+    records = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(records) == 13
+    ran = [r["custom_id"] for r in records if r["response"]]
+    assert sorted(ran) == sorted(f"{model}-{i}" for i, model in enumerate(models))
+
+
+def test_progress_redraws_a_line_on_a_terminal_and_logs_elsewhere(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    terminal = io.StringIO()
+    progress = Progress(terminal, tty=True, clock=lambda: now[0])
+    progress.model_started("tiny-llama", 5)
+    # The first answer comes after the engine's load (60 s); the rate counts from there.
+    for step, at in enumerate((60.0, 61.0, 62.0)):
+        now[0] = at
+        progress.line_done(step != 1, 50)
+    progress.model_finished()
+    shown = terminal.getvalue()
+    assert "\r\x1b[K" in shown and shown.endswith("\n")
+    assert "tiny-llama: 0/5 lines, - tokens/s, ETA -" in shown
+    assert "tiny-llama: 1/5 lines, - tokens/s, ETA -" in shown
+    assert "tiny-llama: 2/5 lines, 1 failed, 50 tokens/s, ETA 0:00:03" in shown
+    assert "tiny-llama: 3/5 lines, 1 failed, 50 tokens/s, ETA 0:00:02" in shown
+
+    with caplog.at_level(logging.INFO, logger="server.batch"):
+        plain = Progress(io.StringIO(), tty=False, clock=lambda: now[0])
+        plain.model_started("tiny-llama", 2)
+        plain.line_done(True, 5)
+        plain.line_done(True, 5)
+        plain.model_finished()
+    messages = [r.getMessage() for r in caplog.records if r.name == "server.batch"]
+    assert messages[0] == "batch: tiny-llama: 2 lines to run"
+    assert messages[-1].startswith("batch: tiny-llama: 2/2 lines") and messages[-1].endswith("(done)")
+    assert summary(8, 2, 5, 1000, 10.0) == (
+        "batch done: 8 ok, 2 failed, 5 already in the output; 1,000 output tokens in 0:00:10 (100 tokens/s)"
+    )
+
+
+def test_the_command_exits_2_only_when_it_cannot_read_its_input_or_write_its_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = ["--home", str(tmp_path)]
+    assert main(["batch", str(tmp_path / "missing.jsonl"), str(tmp_path / "out.jsonl"), *home]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    # A line that is not text is a bad line, not a bad job: it is answered, and the job ends well.
+    (tmp_path / "in.jsonl").write_bytes(b"\xff\xfe not utf-8 \n")
+    assert main(["batch", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), *home]) == 0
+    (fault,) = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert fault["error"]["code"] == "invalid_json_line" and fault["error"]["line"] == 1
+    (tmp_path / "in.jsonl").write_bytes(raw("a"))
+    assert main(["batch", str(tmp_path / "in.jsonl"), str(tmp_path), *home]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "locked").mkdir(mode=0o500)
+        assert main(["batch", str(tmp_path / "in.jsonl"), str(tmp_path / "locked" / "out.jsonl"), *home]) == 2
+
+
+def test_a_growing_result_file_is_served_as_far_as_its_last_whole_line(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path)
+    result = store.add_file(b"", "batch_output.jsonl", RESULT_PURPOSE, None)
+    store.content_path(result.id).write_bytes(b'{"a": 1}\n{"b": 2}\n{"c"')  # a line being appended
+    assert store.content(result) == b'{"a": 1}\n{"b": 2}\n'
+    upload = store.add_file(b'{"x": 1}', "in.jsonl", "batch", None)  # an input needs no final newline
+    assert store.content(upload) == b'{"x": 1}'
