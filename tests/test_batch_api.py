@@ -26,8 +26,9 @@ import openai
 import pytest
 
 from server.engines.base import GenerationDelta, PreparedRequest
-from tests.conftest import API_KEY, FIXTURES, OTHER_KEY, start_server
+from tests.conftest import ACCOUNT, API_KEY, FIXTURES, OTHER_KEY, start_server
 from tests.in_process import BASE_URL, InProcessServer, StandInEngine, cached_registry, serve_in_process
+from tests.test_metrics import scrape, value
 
 MODEL = "tiny-llama"
 NARROW = "tiny-narrow"  # tests/fixtures/batch_overlay.yaml: two requests at a time
@@ -163,6 +164,54 @@ async def test_the_sdk_uploads_runs_polls_and_downloads_a_batch(serving: InProce
     assert {k: v for k, v in answered.items() if k not in ignore} == {
         k: v for k, v in direct.items() if k not in ignore
     }
+
+
+async def test_every_line_is_metered_as_an_http_request_is(serving: InProcessServer) -> None:
+    """A batch's lines reach the usage ledger (its account's, read back with ``GET /v4/usage``)
+    and ``/metrics`` as the same requests over HTTP would: one record and one count per line
+    that named a served model, failed ones with their status; a line refused before (an
+    unknown model) has neither, as over HTTP. ``v4serve_batch_lines_total`` counts only them."""
+    lines = 4
+    good = [line(f"ok-{i}", {"model": MODEL, "prompt": f"a b {i}", "max_tokens": 2}) for i in range(lines)]
+    too_long = line("too-long", {"model": MODEL, "prompt": "a " * 3000, "max_tokens": 2})
+    unknown = line("unknown", {"model": "no-such-model", "prompt": "x"})
+    counted = {"model": MODEL, "route": "/v1/completions"}
+    before = await scrape(serving)
+    async with sdk(serving) as client, serving.client() as http:
+        assert (await http.post("/v1/completions", json=good[0]["body"])).status_code == 200  # not a batch's
+        upload = await client.files.create(file=("m.jsonl", jsonl(*good, too_long, unknown)), purpose="batch")
+        created = await client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
+        )
+        batch = await finished(client, created.id)
+        assert batch.output_file_id and batch.error_file_id
+        answered = records((await client.files.content(batch.output_file_id)).text)
+        answered += records((await client.files.content(batch.error_file_id)).text)
+        usage = (await http.get("/v4/usage", params={"model": MODEL})).json()
+    after = await scrape(serving)
+
+    response = {r["custom_id"]: r["response"] for r in answered}
+    batch_rows = [row for row in usage["rows"] if row["source"] == "batch"]
+    assert {row["key_name"] for row in batch_rows} == {"batch"}
+    assert [row["source"] for row in usage["rows"]].count("http") == 1
+    assert sorted(row["request_id"] for row in batch_rows) == sorted(
+        response[custom_id]["request_id"] for custom_id in [*(g["custom_id"] for g in good), "too-long"]
+    )
+    assert usage["totals"]["requests"] == lines + 2  # the batch's lines and the HTTP request
+    by_id = {row["request_id"]: row for row in batch_rows}
+    assert by_id[response["too-long"]["request_id"]]["status"] == 400
+    for row in batch_rows:
+        assert (row["account_id"], row["route"]) == (ACCOUNT, "/v1/completions")
+        assert row["completion_tokens"] == (2 if row["status"] == 200 else 0)
+
+    def grew(name: str, status: str) -> float:
+        return value(after, name, **counted, status=status) - value(before, name, **counted, status=status)
+
+    assert grew("v4serve_requests_total", "200") == lines + 1
+    assert grew("v4serve_requests_total", "400") == 1
+    assert grew("v4serve_batch_lines_total", "200") == lines
+    assert grew("v4serve_batch_lines_total", "400") == 1
+    assert value(after, "v4serve_requests_total", model="no-such-model", route="/v1/completions", status="404") == 0
 
 
 BAD_BODIES = [
@@ -348,6 +397,10 @@ async def test_cancel_stops_a_running_batch_and_keeps_what_finished(serving: InP
         held.tickets.release()
         assert (await client.batches.retrieve(batch.id)).status == "cancelled"
         assert (await client.batches.cancel(batch.id)).status == "cancelled"
+    # Each line cut off is in the ledger as abandoned (499), the finished one as answered.
+    async with serving.client() as http:
+        usage = (await http.get("/v4/usage", params={"model": MODEL})).json()
+    assert sorted(row["status"] for row in usage["rows"] if row["key_name"] == "batch") == [200, 499, 499, 499]
 
 
 async def test_a_batch_running_when_the_server_stops_resumes_when_it_starts(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from server.batch.progress import Progress, summary
 from server.batch.results import OutputBusyError, ResultLog
 from server.batch.store import RESULT_PURPOSE, BatchStore
 from server.cli import main
+from server.telemetry import Ledger, Telemetry, UsageFilter, UsageRecord
 from tests.conftest import FIXTURES
 from tests.in_process import cached_registry, serve_in_process
 
@@ -159,6 +161,95 @@ async def test_a_job_loads_each_engine_once_loaded_ones_first_and_resumes(tmp_pa
     assert len(records) == 13
     ran = [r["custom_id"] for r in records if r["response"]]
     assert sorted(ran) == sorted(f"{model}-{i}" for i, model in enumerate(models))
+
+
+async def test_a_metered_job_records_every_line_that_reached_a_model_with_its_status(tmp_path: Path) -> None:
+    """Each line that names a served model is one usage record and one request in the
+    metrics, whatever its outcome, marked as a batch's; lines refused before a model is
+    known (unknown model, bad JSON) have none, as HTTP requests refused there have none."""
+    overflow = {"model": "tiny-llama", "prompt": " ".join(["w"] * 3000), "max_tokens": 3}
+    items = list(
+        check_lines(
+            [raw("ok-0"), raw("ok-1"), raw("ok-2"), raw("too-long", body=overflow), raw("gone", "nope"), b"{torn\n"]
+        )
+    )
+    location = tmp_path / "usage.sqlite3"
+    telemetry = Telemetry(ledger=Ledger(location))
+    async with serve_in_process(tmp_path / "home", preload=["tiny-llama"]) as server:
+        state = server.app.state.v4
+        log = ResultLog(tmp_path / "out.jsonl")
+        done = await run_job(
+            items, log, pool=state.pool, endpoints=Endpoints(state.service, state.chat), telemetry=telemetry
+        )
+        log.close()
+    telemetry.close()
+    assert (done.ok, done.failed) == (3, 3)
+    outputs = {
+        r["custom_id"]: r["response"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())
+    }
+    assert outputs["too-long"]["status_code"] == 400 and outputs["gone"]["status_code"] == 404
+
+    rows = Ledger(location, writable=False).query(UsageFilter()).rows
+    by_id = {row.request_id: row for row in rows}
+    assert len(rows) == len(by_id) == 4
+    # A record is the line's own: its request ID is the one in the output line.
+    for custom_id, status, prompt, completion in (("ok-0", 200, 3, 16), ("ok-2", 200, 3, 16), ("too-long", 400, 0, 0)):
+        row = by_id[outputs[custom_id]["request_id"]]
+        assert (row.status, row.prompt_tokens, row.completion_tokens) == (status, prompt, completion)
+        assert (row.model, row.route, row.source, row.key_name, row.account) == (
+            "tiny-llama",
+            "/v1/completions",
+            "batch",
+            "batch",
+            None,
+        )
+    assert outputs["gone"]["request_id"] not in by_id
+    metrics = telemetry.metrics.registry
+    for name in ("v4serve_requests_total", "v4serve_batch_lines_total"):
+        labels = {"model": "tiny-llama", "route": "/v1/completions"}
+        assert metrics.get_sample_value(name, {**labels, "status": "200"}) == 3
+        assert metrics.get_sample_value(name, {**labels, "status": "400"}) == 1
+    assert metrics.get_sample_value("v4serve_generation_tokens_total", {"model": "tiny-llama"}) == 3 * 16
+
+
+def test_a_ledger_made_before_records_had_a_source_gains_one(tmp_path: Path) -> None:
+    """A server's existing ledger takes batch lines' records: its old records read as HTTP's."""
+    location = tmp_path / "usage.sqlite3"
+    old = sqlite3.connect(location)
+    old.execute(
+        "CREATE TABLE usage (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, request_id TEXT NOT NULL, "
+        "account TEXT, key_name TEXT, model TEXT NOT NULL, route TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, "
+        "completion_tokens INTEGER NOT NULL, status INTEGER NOT NULL, duration REAL NOT NULL)"
+    )
+    old.execute("INSERT INTO usage VALUES (1, 1.0, 'old', NULL, NULL, 'm', '/v4/completions', 1, 2, 200, 0.1)")
+    old.commit()
+    old.close()
+    ledger = Ledger(location)
+    ledger.write(UsageRecord(2.0, "new", None, "batch", "m", "/v1/completions", 1, 2, 200, 0.1, "batch")).result()
+    ledger.close()
+    reader = Ledger(location, writable=False)
+    assert [(row.request_id, row.source) for row in reader.query(UsageFilter()).rows] == [
+        ("new", "batch"),
+        ("old", "http"),
+    ]
+    assert [row.request_id for row in reader.query(UsageFilter(source="http")).rows] == ["old"]
+
+
+def test_the_command_records_usage_unless_told_not_to(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``v4serve batch`` opens the server's ledger under --home by default (a ledger it
+    cannot open stops it before any line runs, exit 2); ``--no-ledger`` runs without."""
+    (tmp_path / "in.jsonl").write_bytes(b"{torn\n")
+    paths = [str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), "--home", str(tmp_path / "home")]
+    assert main(["batch", *paths]) == 0
+    assert (tmp_path / "home" / "usage.sqlite3").is_file()
+    (tmp_path / "out.jsonl").unlink()
+    (tmp_path / "a-directory").mkdir()
+    unusable = ["--ledger-url", f"sqlite:///{tmp_path / 'a-directory'}"]
+    assert main(["batch", *paths, *unusable]) == 2
+    assert "cannot open the usage ledger" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists() or not (tmp_path / "out.jsonl").read_text()
+    assert main(["batch", *paths, *unusable, "--no-ledger"]) == 0
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 1
 
 
 def test_progress_redraws_a_line_on_a_terminal_and_logs_elsewhere(caplog: pytest.LogCaptureFixture) -> None:

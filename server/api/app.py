@@ -68,6 +68,7 @@ def create_app(
         pool,
         Endpoints(service, state.chat),
         max_running=settings.batch_max_running,
+        telemetry=telemetry,
     )
     pool.report_to(telemetry)
 

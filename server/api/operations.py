@@ -60,6 +60,7 @@ class UsageRow(BaseModel):
     key_name: str | None = Field(description="Where the key is configured (never the key itself)")
     model: str
     route: str
+    source: str = Field(description="`http` for a request to the server, `batch` for a line of a batch job")
     prompt_tokens: int
     completion_tokens: int
     status: int = Field(description="The HTTP status; 499 when the client left before the answer was complete")
@@ -141,6 +142,7 @@ def _row(record: UsageRecord) -> UsageRow:
         key_name=record.key_name,
         model=record.model,
         route=record.route,
+        source=record.source,
         prompt_tokens=record.prompt_tokens,
         completion_tokens=record.completion_tokens,
         status=record.status,

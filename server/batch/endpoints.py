@@ -29,7 +29,7 @@ from server.service.error_bodies import (
     serving_error_body,
     v4_validation_error,
 )
-from server.telemetry.request_ids import RequestId, bind, new_request_id, unbind
+from server.telemetry.request_ids import RequestId, bind, current_request_id, new_request_id, unbind
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ class Endpoints:
         """
         # Each line is a request of its own: its ID is on its log lines, its error body,
         # its engine request and the output line's ``request_id``, as an HTTP request's.
-        request_id = new_request_id()
+        # A metered line (``Telemetry.track``) has one already: its usage record's.
+        request_id = current_request_id() or new_request_id()
         token = bind(RequestId(request_id, supplied=False))
         try:
             return dataclasses.replace(await self._routes[url](body, account_id), request_id=request_id)

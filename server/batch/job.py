@@ -17,6 +17,7 @@ from server.batch.progress import JobObserver
 from server.batch.results import ResultLog, fault_record, result_record
 from server.batch.runner import Admission, plan, run_lines, unlimited
 from server.pool import EnginePool
+from server.telemetry import Telemetry
 
 # How an observer names the lines no engine serves (an unknown or missing model).
 NO_MODEL = "(no model)"
@@ -54,8 +55,10 @@ async def run_job(
     max_running: int | None = None,
     admission: Admission = unlimited,
     account_id: str | None = None,
+    telemetry: Telemetry | None = None,
 ) -> JobSummary:
-    """Answer every line of ``items`` that ``log`` does not hold yet, appending to ``log``."""
+    """Answer every line of ``items`` that ``log`` does not hold yet, appending to ``log``;
+    with ``telemetry``, each line that runs is metered (``server.batch.runner.run_lines``)."""
     started = time.monotonic()
     seen = observer or _Observer()
     todo = [item for item in items if not log.answered.holds(item)]
@@ -83,6 +86,7 @@ async def run_job(
             concurrency=group.concurrency,
             account_id=account_id,
             admission=admission,
+            telemetry=telemetry,
         )
         seen.model_finished()
     return JobSummary(ok, failed, len(items) - len(todo), tokens, time.monotonic() - started)

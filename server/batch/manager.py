@@ -25,6 +25,7 @@ from server.batch.results import ResultLog
 from server.batch.store import RESULT_PURPOSE, BatchStore, StoredBatch, new_batch_id
 from server.errors import InvalidRequestError, ServingError
 from server.pool import EnginePool
+from server.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,19 @@ class ConflictError(ServingError):
 
 
 class BatchManager:
-    def __init__(self, store: BatchStore, pool: EnginePool, endpoints: Endpoints, *, max_running: int):
+    def __init__(
+        self,
+        store: BatchStore,
+        pool: EnginePool,
+        endpoints: Endpoints,
+        *,
+        max_running: int,
+        telemetry: Telemetry | None = None,
+    ):
+        """With ``telemetry`` (the server's), every line is metered as an HTTP request is:
+        the server's metrics, and a usage record for the batch's account."""
         self.store = store
+        self._telemetry = telemetry
         self._pool = pool
         self._endpoints = endpoints
         self._max_running = max_running
@@ -177,6 +189,7 @@ class BatchManager:
                 max_running=self._max_running,
                 admission=self.priority.admission,
                 account_id=stored.account_id,
+                telemetry=self._telemetry,
             )
             batch.status, batch.finalizing_at = "finalizing", int(time.time())
             self.store.save_batch(stored)

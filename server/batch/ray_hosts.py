@@ -10,6 +10,7 @@ each taking one unit), or else by the GPUs each takes (``--ray-replica-gpus``). 
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +21,25 @@ from server.settings import Settings
 
 # The Ray namespace v4serve's actors live in.
 NAMESPACE = "v4serve"
+# How long the head's address may take to accept a connection.
+CONNECT_TIMEOUT_SECONDS = 10.0
 
 
 def connect(address: str) -> None:
-    """Join the Ray cluster at ``address`` (``auto``: the one this machine belongs to)."""
-    if not ray.is_initialized():
-        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    """Join the Ray cluster at ``address`` (``auto``: the one this machine belongs to).
+
+    A ``HOST:PORT`` nothing answers at is refused at once with ``ConnectionError`` (an
+    ``OSError``, which the command line reports): Ray itself would retry for minutes.
+    """
+    if ray.is_initialized():
+        return
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_SECONDS).close()
+        except OSError as exc:
+            raise ConnectionError(f"no Ray cluster answers at {address} ({exc})") from exc
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
 
 
 @dataclass(frozen=True, slots=True)

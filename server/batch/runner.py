@@ -22,11 +22,16 @@ from server.batch.endpoints import Busy, Endpoints, Outcome
 from server.batch.lines import BatchLine
 from server.errors import ModelNotFoundError
 from server.pool import EnginePool, ModelState
+from server.telemetry import Telemetry
 
 # A line whose model cannot serve (503) is tried this many times before its answer is the 503.
 UNAVAILABLE_ATTEMPTS = 3
 # The longest wait between tries of a line refused with 429 or 503.
 MAX_RETRY_SECONDS = 30.0
+
+# The key name a metered line's usage record carries: a line is sent by no API key (the
+# record's ``source`` is ``batch`` too, which no HTTP request's is).
+KEY_NAME = "batch"
 
 # Held while one line runs: where a server makes batch lines yield to interactive ones
 # (``server.batch.priority``). Takes the line's model.
@@ -85,9 +90,11 @@ async def run_lines(
     concurrency: int,
     account_id: str | None = None,
     admission: Admission = unlimited,
+    telemetry: Telemetry | None = None,
 ) -> None:
     """Answer every line, ``concurrency`` at a time, calling ``on_result`` as each ends.
 
+    With ``telemetry``, each line is metered as an HTTP request is (``_metered``).
     Cancelling this cancels the lines in flight (which aborts them in the engine); their
     ``on_result`` is never called, so a resumed job runs them again.
     """
@@ -96,7 +103,7 @@ async def run_lines(
     async def worker() -> None:
         # One shared iterator: each worker takes the next line when it is free.
         for line in pending:
-            on_result(line, await _answer(line, endpoints, account_id, admission))
+            on_result(line, await _metered(line, endpoints, account_id, admission, telemetry))
 
     workers = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(lines)))]
     try:
@@ -105,6 +112,20 @@ async def run_lines(
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+
+
+async def _metered(
+    line: BatchLine, endpoints: Endpoints, account_id: str | None, admission: Admission, telemetry: Telemetry | None
+) -> Outcome:
+    """The line's answer; with ``telemetry``, one request in its metrics and usage ledger,
+    however many tries it took, recorded before the answer is handed on: a line in the
+    output has its record (a line cut off by cancelling has its 499 record, and runs again)."""
+    if telemetry is None:
+        return await _answer(line, endpoints, account_id, admission)
+    async with telemetry.track(line.url, key_name=KEY_NAME, account=account_id) as request:
+        outcome = await _answer(line, endpoints, account_id, admission)
+        request.status = outcome.status
+    return outcome
 
 
 async def _answer(line: BatchLine, endpoints: Endpoints, account_id: str | None, admission: Admission) -> Outcome:

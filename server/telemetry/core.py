@@ -55,16 +55,18 @@ class Telemetry:
 
     @contextlib.asynccontextmanager
     async def track(
-        self, route: str, *, key_name: str | None = None, account: str | None = None
+        self, route: str, *, key_name: str | None = None, account: str | None = None, source: str = requests.BATCH
     ) -> AsyncIterator[RequestTelemetry]:
         """One request that did not come over HTTP (a batch job's line), metered and
-        recorded as an HTTP request is: the layers below note what they learn on it while
-        it is current. The caller sets its ``status`` (200, or the error's status) before
-        leaving; left without one, it counts as abandoned (499)."""
+        recorded as an HTTP request is, its record marked with ``source``: the layers below
+        note what they learn on it, and take its request ID, while it is current. The
+        caller sets its ``status`` (200, or the error's status) before leaving; left
+        without one, it counts as abandoned (499)."""
         request_id = request_ids.accept(None)
         id_token = request_ids.bind(request_id)
         request = self.begin(request_id, "POST", route)
         request.caller(key_name, account)
+        request.source = source
         request_token = requests.bind(request)
         try:
             yield request

@@ -35,6 +35,7 @@ MAX_BATCH = 500
 MAX_ROWS = 10_000
 SQLITE_FILE = "usage.sqlite3"
 SQLITE_SCHEME = "sqlite://"
+SOURCE_COLUMN = "source TEXT NOT NULL DEFAULT 'http'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,9 @@ class UsageRecord:
     completion_tokens: int
     status: int  # the HTTP status; 499 when the client left before the answer
     duration: float  # seconds
+    # What sent it: ``http`` (a request to the API) or ``batch`` (a line of a batch job,
+    # ``v4serve batch`` or ``/v1/batches``, which never crosses the HTTP layer).
+    source: str = "http"
 
 
 COLUMNS = tuple(field.name for field in fields(UsageRecord))
@@ -74,6 +78,7 @@ class UsageFilter:
     model: str | None = None
     since: float | None = None  # inclusive, seconds since the epoch
     until: float | None = None  # exclusive
+    source: str | None = None
     limit: int = 1000
 
 
@@ -92,9 +97,12 @@ class _Connection(Protocol):
 class _Dialect:
     """What differs between SQLite and PostgreSQL: placeholders and the table's DDL."""
 
-    def __init__(self, placeholder: str, schema: Sequence[str]):
+    def __init__(self, placeholder: str, schema: Sequence[str], add_column: str):
         self.placeholder = placeholder
         self.schema = schema
+        # How a column a table made by an earlier version lacks is added (on PostgreSQL,
+        # harmlessly again when several servers sharing the ledger start at once).
+        self.add_column = add_column
 
 
 _SQLITE = _Dialect(
@@ -103,9 +111,10 @@ _SQLITE = _Dialect(
         "CREATE TABLE IF NOT EXISTS usage (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, "
         "request_id TEXT NOT NULL, account TEXT, key_name TEXT, model TEXT NOT NULL, route TEXT NOT NULL, "
         "prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, status INTEGER NOT NULL, "
-        "duration REAL NOT NULL)",
+        f"duration REAL NOT NULL, {SOURCE_COLUMN})",
         "CREATE INDEX IF NOT EXISTS usage_time ON usage (time)",
     ),
+    "ALTER TABLE usage ADD COLUMN",
 )
 _POSTGRES = _Dialect(
     "%s",
@@ -113,9 +122,10 @@ _POSTGRES = _Dialect(
         "CREATE TABLE IF NOT EXISTS usage (id BIGSERIAL PRIMARY KEY, time DOUBLE PRECISION NOT NULL, "
         "request_id TEXT NOT NULL, account TEXT, key_name TEXT, model TEXT NOT NULL, route TEXT NOT NULL, "
         "prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, status INTEGER NOT NULL, "
-        "duration DOUBLE PRECISION NOT NULL)",
+        f"duration DOUBLE PRECISION NOT NULL, {SOURCE_COLUMN})",
         "CREATE INDEX IF NOT EXISTS usage_time ON usage (time)",
     ),
+    "ALTER TABLE usage ADD COLUMN IF NOT EXISTS",
 )
 
 
@@ -248,7 +258,12 @@ class Ledger:
         mark = self._dialect.placeholder
         clauses: list[str] = []
         params: list[Any] = []
-        for column, value in (("account", wanted.account), ("key_name", wanted.key_name), ("model", wanted.model)):
+        for column, value in (
+            ("account", wanted.account),
+            ("key_name", wanted.key_name),
+            ("model", wanted.model),
+            ("source", wanted.source),
+        ):
             if value is not None:
                 clauses.append(f"{column} = {mark}")
                 params.append(value)
@@ -280,4 +295,8 @@ class Ledger:
         cursor = connection.cursor()
         for statement in self._dialect.schema:
             cursor.execute(statement)
+        # A ledger made before records had a ``source`` holds only HTTP requests' records.
+        cursor.execute("SELECT * FROM usage LIMIT 0")
+        if "source" not in {column[0] for column in cursor.description}:
+            cursor.execute(f"{self._dialect.add_column} {SOURCE_COLUMN}")
         connection.commit()

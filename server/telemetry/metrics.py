@@ -36,6 +36,12 @@ class Metrics:
             ["model", "route", "status"],
             registry=r,
         )
+        self.batch_lines = Counter(
+            "v4serve_batch_lines",
+            "Batch job lines by outcome, also counted in v4serve_requests_total (status as the line's route answers)",
+            ["model", "route", "status"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("v4serve_prompt_tokens", "Prompt tokens of requests", ["model"], registry=r)
         self.generation_tokens = Counter(
             "v4serve_generation_tokens", "Tokens generated (aborted requests' included)", ["model"], registry=r

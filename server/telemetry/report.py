@@ -7,7 +7,19 @@ import json
 
 from server.telemetry.ledger import UsageRecord, UsageReport
 
-COLUMNS = ("TIME", "REQUEST ID", "ACCOUNT", "KEY", "MODEL", "ROUTE", "PROMPT", "COMPLETION", "STATUS", "SECONDS")
+COLUMNS = (
+    "TIME",
+    "REQUEST ID",
+    "ACCOUNT",
+    "KEY",
+    "MODEL",
+    "ROUTE",
+    "SOURCE",
+    "PROMPT",
+    "COMPLETION",
+    "STATUS",
+    "SECONDS",
+)
 
 
 def parse_moment(text: str) -> float:
@@ -39,6 +51,7 @@ def _cells(record: UsageRecord) -> tuple[str, ...]:
         record.key_name or "-",
         record.model,
         record.route,
+        record.source,
         str(record.prompt_tokens),
         str(record.completion_tokens),
         str(record.status),
@@ -80,6 +93,7 @@ def as_json(report: UsageReport) -> str:
                 "key_name": record.key_name,
                 "model": record.model,
                 "route": record.route,
+                "source": record.source,
                 "prompt_tokens": record.prompt_tokens,
                 "completion_tokens": record.completion_tokens,
                 "status": record.status,

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 # Statuses that mean the server refused the request rather than failed it or the caller
 # sent it wrong: too large, over the model's limits, unavailable (loading, failed, shutting down).
 REJECTION_STATUSES = frozenset({413, 429, 503})
+# A ledger record's ``source``: an HTTP request, or a batch job's line (``Telemetry.track``).
+HTTP = "http"
+BATCH = "batch"
 # nginx's "client closed request": the caller left before the answer was complete.
 CLIENT_CLOSED_REQUEST = 499
 
@@ -47,6 +50,7 @@ class RequestTelemetry:
         # To the microsecond: what the usage API shows, so a time read back from it finds the record.
         self.arrived_wall = round(time.time(), 6)
         self.status: int | None = None
+        self.source = HTTP
         self.key_name: str | None = None
         self.account: str | None = None
         self.model: str | None = None
@@ -148,6 +152,8 @@ class RequestTelemetry:
         m.prompt_tokens.labels(model=model).inc(self.prompt_tokens)
         m.generation_tokens.labels(model=model).inc(self.completion_tokens)
         m.request_duration.labels(model=model, route=self.route).observe(duration)
+        if self.source == BATCH:
+            m.batch_lines.labels(model=model, route=self.route, status=str(status)).inc()
         return UsageRecord(
             time=self.arrived_wall,
             request_id=self.request_id,
@@ -159,6 +165,7 @@ class RequestTelemetry:
             completion_tokens=self.completion_tokens,
             status=status,
             duration=duration,
+            source=self.source,
         )
 
     def _end_spans(self, status: int) -> None:
