@@ -160,10 +160,21 @@ def _describe(path: Path, error: ErrorDetails) -> str:
 
 def read_registry_file(path: Path) -> RegistryFile:
     """Parse and validate one file."""
+    raw = read_yaml_mapping(path, "registry file", "a 'models' key")
+    return validate_registry_data(raw or {}, path)
+
+
+def read_yaml_mapping(path: Path, what: str, keys: str, *, missing_ok: bool = False) -> dict[str, Any] | None:
+    """The YAML mapping in ``path`` (duplicate keys refused), None if it is missing and
+    ``missing_ok``; every failure is a ``RegistryError`` naming the file."""
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        if missing_ok:
+            return None
+        raise RegistryError(f"{path}: cannot read the {what}: {exc.strerror}") from exc
     except OSError as exc:
-        raise RegistryError(f"{path}: cannot read registry file: {exc.strerror}") from exc
+        raise RegistryError(f"{path}: cannot read the {what}: {exc.strerror}") from exc
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except RegistryError as exc:
@@ -171,8 +182,8 @@ def read_registry_file(path: Path) -> RegistryFile:
     except yaml.YAMLError as exc:
         raise RegistryError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
-        raise RegistryError(f"{path}: a registry file must be a mapping with a 'models' key")
-    return validate_registry_data(raw, path)
+        raise RegistryError(f"{path}: the {what} must be a mapping with {keys}")
+    return raw
 
 
 def validate_registry_data(raw: dict[str, Any], origin: Path) -> RegistryFile:

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.registry.loader import Registry, RegistryError, _describe, _UniqueKeyLoader, load_registry
+from server.registry.loader import Registry, RegistryError, _describe, load_registry, read_yaml_mapping
 from server.registry.schema import ModelEntry
 
 OPERATOR_FILE_NAME = "operator_registry.yaml"
@@ -64,20 +64,9 @@ class OperatorLayer(BaseModel):
 
 def read_operator_layer(path: Path) -> OperatorLayer:
     """The layer in ``path``; an empty one when the file does not exist yet."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    raw = read_yaml_mapping(path, "operator registry file", "'models' and 'removed' keys", missing_ok=True)
+    if raw is None:
         return OperatorLayer()
-    except OSError as exc:
-        raise RegistryError(f"{path}: cannot read the operator registry file: {exc.strerror}") from exc
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
-    except RegistryError as exc:
-        raise RegistryError(f"{path}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise RegistryError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise RegistryError(f"{path}: the operator registry file must be a mapping with 'models' and 'removed' keys")
     try:
         return OperatorLayer.model_validate(raw)
     except ValidationError as exc:
