@@ -17,13 +17,15 @@ from typing import Any
 
 import pytest
 
-from server.batch.endpoints import Endpoints
+from server.batch.endpoints import Endpoints, Outcome
 from server.batch.job import NO_MODEL, run_job
 from server.batch.lines import BatchLine, LineFault, check_lines
 from server.batch.progress import Progress, summary
-from server.batch.results import OutputBusyError, ResultLog
+from server.batch.results import OutputBusyError, ResultLog, result_record
+from server.batch.runner import HeldRecords, run_lines
 from server.batch.store import RESULT_PURPOSE, BatchStore
 from server.cli import main
+from server.settings import Settings
 from server.telemetry import Ledger, Telemetry, UsageFilter, UsageRecord
 from tests.conftest import FIXTURES
 from tests.in_process import cached_registry, serve_in_process
@@ -212,6 +214,90 @@ async def test_a_metered_job_records_every_line_that_reached_a_model_with_its_st
     assert metrics.get_sample_value("v4serve_generation_tokens_total", {"model": "tiny-llama"}) == 3 * 16
 
 
+async def test_held_records_are_the_records_the_local_job_writes(tmp_path: Path) -> None:
+    """A Ray host meters its lines with ``HeldRecords``: each answered line's record is
+    the one the local job's ``Telemetry`` writes for the same line (same model, route,
+    tokens, status, key name, source), under the output line's request ID, handed over
+    once; a line refused before a model is known has none."""
+    overflow = {"model": "tiny-llama", "prompt": " ".join(["w"] * 3000), "max_tokens": 3}
+    checked = check_lines([raw("ok"), raw("too-long", body=overflow), raw("gone", "nope")])
+    lines = [item for item in checked if isinstance(item, BatchLine)]
+    location = tmp_path / "usage.sqlite3"
+    local = Telemetry(ledger=Ledger(location))
+    held = HeldRecords()
+    handed: dict[str, tuple[Outcome, UsageRecord | None]] = {}
+    async with serve_in_process(tmp_path / "home", preload=["tiny-llama"]) as server:
+        endpoints = Endpoints(server.app.state.v4.service, server.app.state.v4.chat)
+        local_ids: dict[str, str] = {}
+        await run_lines(
+            lines,
+            endpoints,
+            lambda line, outcome: local_ids.__setitem__(line.custom_id, outcome.request_id),
+            concurrency=3,
+            telemetry=local,
+        )
+
+        def on_result(line: BatchLine, outcome: Outcome) -> None:
+            handed[line.custom_id] = (outcome, held.take(outcome.request_id))
+
+        await run_lines(lines, endpoints, on_result, concurrency=3, telemetry=held)
+    local.close()
+    written = {row.request_id: row for row in Ledger(location, writable=False).query(UsageFilter()).rows}
+    assert set(handed) == {"ok", "too-long", "gone"} and len(written) == 2
+    for custom_id, status in (("ok", 200), ("too-long", 400)):
+        outcome, record = handed[custom_id]
+        assert record is not None and outcome.status == status
+        assert record.request_id == outcome.request_id == result_record(lines[0], outcome)["response"]["request_id"]
+        assert held.take(outcome.request_id) is None  # handed over once
+        mine = (record.model, record.route, record.prompt_tokens, record.completion_tokens, record.status)
+        theirs = written[local_ids[custom_id]]
+        assert mine == (theirs.model, theirs.route, theirs.prompt_tokens, theirs.completion_tokens, theirs.status)
+        assert (
+            (record.key_name, record.source, record.account)
+            == (theirs.key_name, theirs.source, None)
+            == (
+                "batch",
+                "batch",
+                None,
+            )
+        )
+        assert record.duration > 0
+    assert handed["ok"][1] is not None and handed["ok"][1].completion_tokens == 16
+    assert handed["gone"][0].status == 404 and handed["gone"][1] is None
+
+
+async def test_the_ray_driver_records_each_result_it_appends_once(tmp_path: Path) -> None:
+    """The Ray driver commits a result's usage record and appends the result; a result the
+    output holds already (a repeat, or one a previous run appended) is dropped with its
+    record, so the ledger has one record per output line. Ray is imported, not started."""
+    from server.batch.ray_job import LineResult, RayJob
+
+    def result(custom_id: str, usage: bool) -> LineResult:
+        outcome = Outcome(200, {}, 1, 2, request_id=f"req-{custom_id}")
+        line = BatchLine(1, custom_id, "/v1/completions", {"model": "m"})
+        record = (
+            UsageRecord(1.0, outcome.request_id, None, "batch", "m", line.url, 1, 2, 200, 0.1, "batch")
+            if usage
+            else None
+        )
+        return LineResult(custom_id, result_record(line, outcome), True, 2, record)
+
+    ledger = Ledger(tmp_path / "usage.sqlite3")
+    settings, registry = Settings(home=tmp_path), cached_registry()
+    for attempt in range(2):  # the second run resumes over the same output
+        log = ResultLog(tmp_path / "out.jsonl")
+        job = RayJob(settings, registry, log, io.StringIO(), ledger)
+        batch = [result("a", True), result("b", False), result("c", True)]
+        accepted = await job.accept(batch[:2])
+        accepted += await job.accept([result("a", True), *batch[1:]])
+        log.close()
+        assert [r.custom_id for r in accepted] == (["a", "b", "c"] if attempt == 0 else [])
+    ledger.close()
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
+    rows = Ledger(tmp_path / "usage.sqlite3", writable=False).query(UsageFilter()).rows
+    assert sorted(row.request_id for row in rows) == ["req-a", "req-c"]
+
+
 def test_a_ledger_made_before_records_had_a_source_gains_one(tmp_path: Path) -> None:
     """A server's existing ledger takes batch lines' records: its old records read as HTTP's."""
     location = tmp_path / "usage.sqlite3"
@@ -281,6 +367,35 @@ def test_progress_redraws_a_line_on_a_terminal_and_logs_elsewhere(caplog: pytest
     assert summary(8, 2, 5, 1000, 10.0) == (
         "batch done: 8 ok, 2 failed, 5 already in the output; 1,000 output tokens in 0:00:10 (100 tokens/s)"
     )
+
+
+def test_progress_shows_the_models_running_at_once_on_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A job on Ray runs several models at once and names the model of each event: they
+    share the live line, and each is left as a finished line when it is done."""
+    now = [0.0]
+    terminal = io.StringIO()
+    progress = Progress(terminal, tty=True, clock=lambda: now[0])
+    progress.model_started("a", 2)
+    progress.model_started("b", 3)
+    for at, model in ((1.0, "b"), (2.0, "a"), (3.0, "b"), (4.0, "a")):
+        now[0] = at
+        progress.line_done(True, 10, model)
+    progress.model_finished("a")
+    shown = terminal.getvalue()
+    assert "\r\x1b[Ka: 0/2 lines, - tokens/s, ETA - | b: 0/3 lines, - tokens/s, ETA -" in shown
+    assert "a: 1/2 lines, - tokens/s, ETA - | b: 2/3 lines, 5 tokens/s, ETA 0:00:02" in shown
+    # "a" is done: its line stays, and the live line goes on with "b" alone (its rate
+    # and ETA measured up to now).
+    assert shown.endswith("\r\x1b[Ka: 2/2 lines, 5 tokens/s, ETA -\n\r\x1b[Kb: 2/3 lines, 3 tokens/s, ETA 0:00:03")
+
+    with caplog.at_level(logging.INFO, logger="server.batch"):
+        plain = Progress(io.StringIO(), tty=False, clock=lambda: now[0])
+        plain.model_started("a", 1)
+        plain.model_started("b", 1)
+        plain.line_done(True, 5, "a")
+        plain.model_finished("a")
+    messages = [r.getMessage() for r in caplog.records if r.name == "server.batch"]
+    assert messages[-1] == "batch: a: 1/1 lines, - tokens/s, ETA - (done)"
 
 
 def test_the_command_exits_2_only_when_it_cannot_read_its_input_or_write_its_output(

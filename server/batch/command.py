@@ -9,8 +9,8 @@ again: it resumes).
 Each line that runs is recorded in the usage ledger the server keeps (SQLite under
 ``--home``, or ``--ledger-url``), as a request with ``source`` ``batch`` and key name
 ``batch``: a cluster running evaluations sees them in ``v4serve usage`` next to its HTTP
-traffic. ``ledger=False`` (``--no-ledger``) skips it. Lines run with ``--ray`` are not
-recorded: they run on the cluster's hosts.
+traffic. ``ledger=False`` (``--no-ledger``) skips it. Lines run with ``--ray`` are recorded
+the same way, by this process as their results arrive (``server.batch.ray_job``).
 """
 
 from __future__ import annotations
@@ -51,20 +51,20 @@ def run_batch(settings: Settings, input_path: Path, output_path: Path, *, ledger
         print(f"v4serve batch: cannot write {output_path}: {exc}", file=sys.stderr)
         return 2
     telemetry: Telemetry | None = None
+    if ledger:
+        try:
+            telemetry = Telemetry(ledger=Ledger.at(settings.home, settings.ledger_url))
+        except Exception as exc:
+            log.close()
+            print(f"v4serve batch: cannot open the usage ledger: {exc} (--no-ledger runs without)", file=sys.stderr)
+            return 2
     job: Coroutine[Any, Any, JobSummary]
     if settings.ray_address is not None:
         # Across a Ray cluster (server.batch.ray_job); Ray is imported only with --ray.
         from server.batch.ray_job import run_on_ray
 
-        job = run_on_ray(settings, registry, items, log, sys.stderr)
+        job = run_on_ray(settings, registry, items, log, sys.stderr, telemetry.ledger if telemetry else None)
     else:
-        if ledger:
-            try:
-                telemetry = Telemetry(ledger=Ledger.at(settings.home, settings.ledger_url))
-            except Exception as exc:
-                log.close()
-                print(f"v4serve batch: cannot open the usage ledger: {exc} (--no-ledger runs without)", file=sys.stderr)
-                return 2
         job = _run(settings, registry, items, log, sys.stderr, telemetry)
     try:
         done = asyncio.run(job)

@@ -1,10 +1,13 @@
-"""What a running job shows: a live line per model on a terminal, log lines elsewhere.
+"""What a running job shows: a live line of the models running on a terminal, log lines elsewhere.
 
-On a terminal the current model's line is redrawn in place (lines done/total, failures,
-output tokens/s and ETA, both measured from the model's first answer, after its load) at most ``REDRAW_SECONDS`` apart, and left as a finished line when
-the model is done. When the output is not a terminal (a log file, CI), a plain log line
-is written per model start and end and every ``LOG_SECONDS`` between. ``summary`` is the
-job's one line at the end.
+Per model: lines done/total, failures, output tokens/s and ETA, both measured from the
+model's first answer, after its load. The local job runs one model at a time; a job on
+Ray (``server.batch.ray_job``) runs several at once, one per host, and names the model
+each event is about (``model=``; without it, the model started last). On a terminal the
+running models share one line, redrawn in place at most ``REDRAW_SECONDS`` apart, and a
+model's line is left as a finished line when it is done. When the output is not a
+terminal (a log file, CI), a plain log line is written per model start and end and every
+``LOG_SECONDS`` between. ``summary`` is the job's one line at the end.
 """
 
 from __future__ import annotations
@@ -49,19 +52,19 @@ class Progress:
         self._stream = stream
         self._tty = stream.isatty() if tty is None else tty
         self._clock = clock
-        self._current: _ModelProgress | None = None
+        self._running: dict[str, _ModelProgress] = {}  # in the order they started
         self._shown = 0.0
 
     def model_started(self, model: str, total: int) -> None:
-        self._current = _ModelProgress(model, total)
+        self._running[model] = _ModelProgress(model, total)
         self._shown = self._clock()
         if self._tty:
             self._draw()
         else:
             logger.info("batch: %s: %d lines to run", model, total)
 
-    def line_done(self, ok: bool, completion_tokens: int) -> None:
-        current = self._current
+    def line_done(self, ok: bool, completion_tokens: int, model: str | None = None) -> None:
+        current = self._find(model)
         if current is None:
             return
         now = self._clock()
@@ -75,23 +78,31 @@ class Progress:
             if self._tty:
                 self._draw()
             else:
-                logger.info("batch: %s", self._status(current))
+                for running in self._running.values():
+                    logger.info("batch: %s", self._status(running))
 
-    def model_finished(self) -> None:
-        current = self._current
+    def model_finished(self, model: str | None = None) -> None:
+        current = self._find(model)
         if current is None:
             return
+        del self._running[current.model]
         if self._tty:
-            self._draw()
-            self._stream.write("\n")
-            self._stream.flush()
+            self._stream.write("\r\x1b[K" + self._status(current) + "\n")
+            if self._running:
+                self._draw()
+            else:
+                self._stream.flush()
         else:
             logger.info("batch: %s (done)", self._status(current))
-        self._current = None
+
+    def _find(self, model: str | None) -> _ModelProgress | None:
+        """``model``'s progress, or the model started last's when None."""
+        if model is None:
+            return next(reversed(self._running.values()), None)
+        return self._running.get(model)
 
     def _draw(self) -> None:
-        assert self._current is not None
-        self._stream.write("\r\x1b[K" + self._status(self._current))
+        self._stream.write("\r\x1b[K" + " | ".join(map(self._status, self._running.values())))
         self._stream.flush()
 
     def _status(self, current: _ModelProgress) -> str:

@@ -9,6 +9,15 @@ result back as it ends; the driver appends it to the output (``results.ResultLog
 the output already holds that ``custom_id``. So the output holds every line exactly once,
 and re-running the command after a crash resumes it, as on one machine.
 
+Usage and progress are the driver's too, from the results it accepts. A host meters its
+lines as the local job does (``runner.HeldRecords``: the same usage record) but only sends
+each record along with its line's result; the driver commits the records of the results
+it appends to the ledger before appending them, and drops those of results it drops. So
+the ledger holds one record per output line that reached a model, as on one machine. A
+lost host's unfinished lines sent nothing and leave no record (the local job records a
+line it cuts off as 499); they are recorded where they run again. The live per-model
+line (``progress.Progress``) counts accepted results, several models at once.
+
 A host takes the next shard of the model it ran last, else the next in order, so models
 stay loaded where they are while every host stays busy. A host that is lost mid-job (Ray
 raises ``RayActorError`` on its stream) costs only the lines of its shard whose results had
@@ -36,15 +45,18 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from server.batch.endpoints import Endpoints, Outcome
-from server.batch.job import JobSummary
+from server.batch.job import NO_MODEL, JobSummary
 from server.batch.lines import BatchLine, LineFault
+from server.batch.progress import Progress
 from server.batch.ray_hosts import Placement, actor_options, connect, placements
 from server.batch.results import ResultLog, fault_record, result_record
-from server.batch.runner import plan, run_lines
+from server.batch.runner import HeldRecords, plan, run_lines
 from server.pool import EnginePool
 from server.registry import Registry
 from server.service.stack import ServiceStack, build_stack
 from server.settings import Settings
+from server.telemetry import Ledger, UsageRecord
+from server.telemetry.core import LEDGER_WAIT_SECONDS
 
 logger = logging.getLogger("server.batch")
 
@@ -74,36 +86,48 @@ class LineResult:
     record: dict[str, Any]
     ok: bool
     completion_tokens: int
+    usage: UsageRecord | None  # its usage record, when metered and the line reached a model
 
 
 class BatchHost:
-    """An engine pool on one node, running shards of lines; an async Ray actor once wrapped."""
+    """An engine pool on one node, running shards of lines; an async Ray actor once wrapped.
+    ``metered``: each result carries its line's usage record (``runner.HeldRecords``)."""
 
-    def __init__(self, settings: Settings, registry: Registry):
+    def __init__(self, settings: Settings, registry: Registry, metered: bool):
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._stack: ServiceStack = build_stack(settings, registry)
         self._endpoints = Endpoints(self._stack.service, self._stack.chat)
+        self._usage = HeldRecords() if metered else None
 
     async def start(self) -> int:
         """Start the pool's watcher; this host's process ID (for operators and tests)."""
         await self._stack.pool.start(())
         return os.getpid()
 
-    async def run(self, lines: Sequence[BatchLine], concurrency: int) -> AsyncGenerator[LineResult, None]:
-        """Each line's result as it ends (``runner.run_lines``, the local job's runner)."""
+    async def run(self, lines: Sequence[BatchLine], concurrency: int) -> AsyncGenerator[list[LineResult], None]:
+        """The lines' results as they end (``runner.run_lines``, the local job's runner),
+        each time all that ended since the last were sent: the driver commits their usage
+        records in one go, so a host answering faster than a commit sends bigger chunks."""
         results: asyncio.Queue[LineResult] = asyncio.Queue()
+        usage = self._usage
 
         def on_result(line: BatchLine, outcome: Outcome) -> None:
             record = result_record(line, outcome)
-            results.put_nowait(LineResult(line.custom_id, record, outcome.ok, outcome.completion_tokens))
+            held = usage.take(outcome.request_id) if usage is not None else None
+            results.put_nowait(LineResult(line.custom_id, record, outcome.ok, outcome.completion_tokens, held))
 
-        running = asyncio.ensure_future(run_lines(lines, self._endpoints, on_result, concurrency=concurrency))
+        running = asyncio.ensure_future(
+            run_lines(lines, self._endpoints, on_result, concurrency=concurrency, telemetry=usage)
+        )
         try:
             while not (running.done() and results.empty()):
                 waiting = asyncio.ensure_future(results.get())
                 await asyncio.wait({waiting, running}, return_when=asyncio.FIRST_COMPLETED)
                 if waiting.done():
-                    yield waiting.result()
+                    chunk = [waiting.result()]
+                    while not results.empty():
+                        chunk.append(results.get_nowait())
+                    yield chunk
                 else:
                     waiting.cancel()
             running.result()  # a runner that failed fails the shard
@@ -112,6 +136,8 @@ class BatchHost:
 
     async def shutdown(self) -> None:
         await self._stack.close()
+        if self._usage is not None:
+            self._usage.close()
 
 
 def shards(lines: Sequence[BatchLine], settings: Settings, registry: Registry, hosts: int) -> list[Shard]:
@@ -128,22 +154,62 @@ def shards(lines: Sequence[BatchLine], settings: Settings, registry: Registry, h
 
 
 class RayJob:
-    """The driver's side of one job: hosts, the queue of shards, the output."""
+    """The driver's side of one job: hosts, the queue of shards, the output, the usage
+    ledger (None: not metered) and the progress display."""
 
-    def __init__(self, settings: Settings, registry: Registry, log: ResultLog, stream: TextIO):
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        log: ResultLog,
+        stream: TextIO,
+        ledger: Ledger | None = None,
+        progress: Progress | None = None,
+    ):
         self._settings, self._registry, self._log, self._stream = settings, registry, log, stream
+        self._ledger = ledger
+        self._progress = progress or Progress(stream)
         self._queue: collections.deque[Shard] = collections.deque()
+        self._accepting: set[str] = set()  # custom_ids whose records are being committed
+        self._left: dict[str, int] = {}  # each model's lines without a result yet
+        self._shown: set[str] = set()  # the models the progress display has started
         self.ok = self.failed = self.tokens = 0
 
-    def _write(self, result: LineResult) -> None:
-        """Append a line's result unless the output holds its custom_id already (a shard
-        run again after its host was lost may repeat a result that arrived before)."""
-        if result.custom_id in self._log.answered.ran:
-            return
-        self._log.write(result.record)
-        self.ok += result.ok
-        self.failed += not result.ok
-        self.tokens += result.completion_tokens
+    async def accept(self, results: Sequence[LineResult]) -> list[LineResult]:
+        """Append the results the output does not hold yet, their usage records committed
+        first (as the local job commits a line's record before its output line); those
+        appended. A result the output holds already (a shard run again after its host was
+        lost may repeat one that arrived before) is dropped with its record: each output
+        line has one record."""
+        ran, accepting = self._log.answered.ran, self._accepting
+        fresh = [result for result in results if result.custom_id not in ran and result.custom_id not in accepting]
+        self._accepting.update(result.custom_id for result in fresh)
+        records = [result.usage for result in fresh if result.usage is not None]
+        if self._ledger is not None and records:
+            await _commit(self._ledger, records)
+        for result in fresh:
+            self._log.write(result.record)
+            self._accepting.discard(result.custom_id)
+            self.ok += result.ok
+            self.failed += not result.ok
+            self.tokens += result.completion_tokens
+        return fresh
+
+    def _progressed(self, model: str, accepted: Sequence[LineResult]) -> None:
+        for result in accepted:
+            self._progress.line_done(result.ok, result.completion_tokens, model)
+        self._left[model] -= len(accepted)
+        if accepted and not self._left[model]:
+            self._progress.model_finished(model)
+
+    def _show(self, shard: Shard) -> str:
+        """The name the progress display shows ``shard``'s model by, started with its
+        first shard (so the display holds the models running now)."""
+        model = shard.engine or NO_MODEL
+        if model not in self._shown:
+            self._shown.add(model)
+            self._progress.model_started(model, self._left[model])
+        return model
 
     def _say(self, text: str) -> None:
         self._stream.write(text + "\n")
@@ -161,11 +227,12 @@ class RayJob:
         """Run shards on one host until none are left or the host is lost."""
         last: str | None = None
         while (shard := self._take(last)) is not None:
-            logger.info("host %s: %d lines of %s", name, len(shard.lines), shard.engine or "(no model)")
+            logger.info("host %s: %d lines of %s", name, len(shard.lines), shard.engine or NO_MODEL)
+            model = self._show(shard)
             try:
                 refs = actor.run.options(num_returns="streaming").remote(shard.lines, shard.concurrency)
                 async for ref in refs:
-                    self._write(await ref)
+                    self._progressed(model, await self.accept(await ref))
             except RayActorError:
                 rest = [line for line in shard.lines if line.custom_id not in self._log.answered.ran]
                 if rest:
@@ -176,7 +243,7 @@ class RayJob:
 
     async def _start_host(self, placement: Placement) -> tuple[str, Any] | None:
         actor: Any = ray.remote(BatchHost).options(**actor_options(self._settings, placement))
-        handle: Any = actor.remote(self._settings, self._registry)
+        handle: Any = actor.remote(self._settings, self._registry, self._ledger is not None)
         try:
             pid = await asyncio.wait_for(asyncio.wrap_future(handle.start.remote().future()), HOST_START_SECONDS)
         except (RayActorError, RayTaskError, TimeoutError) as exc:
@@ -206,12 +273,31 @@ class RayJob:
         if not hosts:
             raise NoHostsError("no engine host could start on the Ray cluster")
         self._queue.extend(shards(lines, self._settings, self._registry, len(hosts)))
+        for shard in self._queue:
+            model = shard.engine or NO_MODEL
+            self._left[model] = self._left.get(model, 0) + len(shard.lines)
         try:
             await asyncio.gather(*(self._serve(name, actor) for name, actor in hosts))
             if self._queue:
                 raise NoHostsError(f"every engine host was lost; {sum(len(s.lines) for s in self._queue)} lines left")
         finally:
             await asyncio.gather(*(_stop(actor) for _, actor in hosts))
+
+
+async def _commit(ledger: Ledger, records: Sequence[UsageRecord]) -> None:
+    """Write ``records`` (one commit: the ledger's writer takes what has gathered) and wait
+    until they are committed, at most ``LEDGER_WAIT_SECONDS``, as ``Telemetry.end`` waits
+    for an HTTP request's: a stuck or failing ledger is logged, and the job goes on."""
+    written = asyncio.gather(*(asyncio.wrap_future(ledger.write(record)) for record in records))
+    try:
+        # Shielded: a cancelled wait must not cancel a write the ledger's thread will finish.
+        await asyncio.wait_for(asyncio.shield(written), LEDGER_WAIT_SECONDS)
+    except TimeoutError:
+        logger.error(
+            "usage ledger: %d record(s) not committed after %.0f s; going on", len(records), LEDGER_WAIT_SECONDS
+        )
+    except Exception:
+        logger.error("usage ledger: %d record(s) were not written (see the error above)", len(records))
 
 
 async def _stop(actor: Any) -> None:
@@ -222,9 +308,15 @@ async def _stop(actor: Any) -> None:
 
 
 async def run_on_ray(
-    settings: Settings, registry: Registry, items: Sequence[BatchLine | LineFault], log: ResultLog, stream: TextIO
+    settings: Settings,
+    registry: Registry,
+    items: Sequence[BatchLine | LineFault],
+    log: ResultLog,
+    stream: TextIO,
+    ledger: Ledger | None = None,
 ) -> JobSummary:
-    """Run the job's unanswered lines on the Ray cluster at ``settings.ray_address``."""
+    """Run the job's unanswered lines on the Ray cluster at ``settings.ray_address``,
+    recording each answered line in ``ledger`` (None: not recorded)."""
     assert settings.ray_address is not None, "--ray names the cluster"
     try:
         connect(settings.ray_address)
@@ -236,7 +328,7 @@ async def run_on_ray(
     assert main is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     try:
-        return await RayJob(settings, registry, log, stream).run(items)
+        return await RayJob(settings, registry, log, stream, ledger).run(items)
     except NoHostsError as exc:
         # Stopped before the end, as by Ctrl-C: ``run_batch`` says so and exits 1; the
         # output holds what finished, and the same command resumes from there.

@@ -22,7 +22,7 @@ from server.batch.endpoints import Busy, Endpoints, Outcome
 from server.batch.lines import BatchLine
 from server.errors import ModelNotFoundError
 from server.pool import EnginePool, ModelState
-from server.telemetry import Telemetry
+from server.telemetry import RequestTelemetry, Telemetry, UsageRecord
 
 # A line whose model cannot serve (503) is tried this many times before its answer is the 503.
 UNAVAILABLE_ATTEMPTS = 3
@@ -36,6 +36,29 @@ KEY_NAME = "batch"
 # Held while one line runs: where a server makes batch lines yield to interactive ones
 # (``server.batch.priority``). Takes the line's model.
 Admission = Callable[[str | None], AbstractAsyncContextManager[None]]
+
+
+class HeldRecords(Telemetry):
+    """Meters lines as the local job does (``run_lines`` with it as ``telemetry``: the same
+    ``Telemetry.track``, so the same usage record, fields and request ID), but holds each
+    answered line's record instead of writing it, for whoever decides whether the answer
+    counts: a Ray host sends it to the driver with the line's result, and the driver writes
+    it only when it appends that result to the output (``server.batch.ray_job``). A line
+    cut off before its answer (its host stopped) holds no record: it runs again elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: dict[str, UsageRecord] = {}
+
+    async def end(self, request: RequestTelemetry, *, completed: bool) -> None:
+        record = request.end(completed=completed)
+        if record is not None and completed:
+            self._held[record.request_id] = record
+
+    def take(self, request_id: str) -> UsageRecord | None:
+        """The record of the answered line whose ``Outcome.request_id`` is ``request_id``;
+        None for a line refused before a model was known (which an HTTP request has none of)."""
+        return self._held.pop(request_id, None)
 
 
 @dataclass(frozen=True)
