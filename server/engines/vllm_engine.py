@@ -170,23 +170,31 @@ class VLLMEngine(Engine):
         ``metrics`` receive vLLM's scheduler statistics; ``traces_endpoint`` gets vLLM's
         own spans, joined to each request's trace.
         """
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        args = build_engine_args(
-            model_id,
-            entry,
-            weights,
-            on_cpu=running_on_cpu(),
-            adapters=adapters,
-            launch=launch,
-            traces_endpoint=traces_endpoint,
-        )
         if traces_endpoint is not None:
             # vLLM exports over gRPC unless told otherwise; the server's collector takes OTLP/HTTP.
             os.environ.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
-        loggers = [stat_logger_factory(metrics)] if metrics is not None else None
-        create = functools.partial(AsyncLLM.from_engine_args, stat_loggers=loggers)
-        llm = await asyncio.to_thread(_with_visible_devices, launch.visible_devices, create, args)
+
+        def create() -> Any:
+            # vLLM is imported here, in the thread, too: its first import takes seconds
+            # (7 s on an idle 2-core machine, more under load), during which the event loop
+            # would answer nothing, health checks and other models' requests included.
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            args = build_engine_args(
+                model_id,
+                entry,
+                weights,
+                on_cpu=running_on_cpu(),
+                adapters=adapters,
+                launch=launch,
+                traces_endpoint=traces_endpoint,
+            )
+            loggers = [stat_logger_factory(metrics)] if metrics is not None else None
+            return _with_visible_devices(
+                launch.visible_devices, functools.partial(AsyncLLM.from_engine_args, stat_loggers=loggers), args
+            )
+
+        llm = await asyncio.to_thread(create)
         template = await asyncio.to_thread(_vision_chat_template, llm) if entry.vision is not None else None
         engine = cls(
             model_id,
