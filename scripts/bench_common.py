@@ -167,7 +167,8 @@ def server_command(
             "--enforce-eager",
             "--max-num-seqs",
             str(settings.max_num_seqs),
-            "--disable-log-stats",
+            # vLLM's statistics stay on, as `vllm serve` runs by default: v4serve computes
+            # them too, for its /metrics (every engine step feeds its stat logger).
             "--disable-uvicorn-access-log",
             "--host",
             "127.0.0.1",

@@ -415,7 +415,9 @@ async def test_a_batch_running_when_the_server_stops_resumes_when_it_starts(tmp_
                 input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
             )
             await until(lambda: held.waiting == 3, "the held lines are in the engine")
-            running = await client.batches.retrieve(batch.id)
+            # The free lines run beside them: wait until their five results are written.
+            while (running := await client.batches.retrieve(batch.id)).request_counts.completed < 5:
+                await asyncio.sleep(0.01)
             assert (running.status, running.request_counts.completed) == ("in_progress", 5)
     # The server stopped mid-batch: the batch is still in progress on disk.
     saved = json.loads((batches / "batches" / f"{batch.id}.json").read_text())
