@@ -50,6 +50,11 @@ from tests.conftest import API_KEY, API_KEYS
 BASE_URL = "http://testserver"
 
 
+def _word(token_id: int) -> str:
+    """The stand-in tokenizer's text for a token ID."""
+    return f" w{token_id}"
+
+
 class StandInEngine(Engine):
     """Answers every request with ``max_tokens`` words (`` w0 w1 ...``, token ``i`` is
     `` wi``), one per step.
@@ -69,7 +74,7 @@ class StandInEngine(Engine):
         # Raised by ``generate`` after this many deltas: an engine failing mid-request.
         self.fail_after: int | None = None
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
+    async def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
         turns = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
         return f"<s>{turns}<|assistant|>\n"
 
@@ -90,8 +95,8 @@ class StandInEngine(Engine):
         self.prepared.append(prepared)
         return prepared
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return "".join(f" w{token_id}" for token_id in token_ids)
+    async def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join(map(_word, token_ids))
 
     async def generate(
         self, request: PreparedRequest, request_id: str, *, stream: bool = True
@@ -104,7 +109,7 @@ class StandInEngine(Engine):
                     raise EngineError("the stand-in engine failed")
                 await asyncio.sleep(0)  # a step: other requests run meanwhile
                 finish = "length" if i == count - 1 else None
-                yield GenerationDelta(self.decode([i]), request.prompt_tokens, i + 1, finish, token_ids=(i,))
+                yield GenerationDelta(_word(i), request.prompt_tokens, i + 1, finish, token_ids=(i,))
         finally:
             self.running.discard(request_id)
 
@@ -152,6 +157,26 @@ class InProcessServer:
                     await asyncio.sleep(0.01)
 
         await asyncio.wait_for(ready(), timeout)
+
+
+def asgi_post_scope(path: str, headers: Sequence[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """An ASGI HTTP scope for a POST to ``path``: for a test that calls the application
+    itself, to choose when (or whether) the body arrives."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": list(headers),
+        "server": ("testserver", 80),
+        "client": ("127.0.0.1", 1),
+        "state": {},
+    }
 
 
 @functools.cache

@@ -14,8 +14,10 @@ import json
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -56,32 +58,56 @@ def wait_for(condition, timeout: float = 300.0) -> None:
         time.sleep(0.2)
 
 
-STREAM_TOKENS = 1000
+STREAM_TOKENS = 64
+
+
+def engine_core(server: RunningServer) -> psutil.Process:
+    """The EngineCore process of the server's only vLLM engine."""
+    children = psutil.Process(server.process.pid).children()
+    cores = [p for p in children if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM::EngineCor")]
+    assert len(cores) == 1, cores
+    return cores[0]
+
+
+def stream_to_the_end(server: RunningServer, body: dict) -> dict:
+    """The stream's last event, with the request ID the server logged it under."""
+    with server.client() as http, http.stream("POST", "/v4/completions", json=body) as stream:
+        assert stream.status_code == 200
+        *_, last = (line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: "))
+        return {**json.loads(last), "request_id": stream.headers["x-request-id"]}
 
 
 def replace_while_streaming(server: RunningServer) -> dict:
-    """Stream a long completion from tiny-llama, and replace tiny-llama's entry (with an
-    engine key changed) once the first event has arrived; the stream's last event, with
-    the request ID the server logged it under."""
+    """Stream a completion from tiny-llama, and replace tiny-llama's entry (with an engine
+    key changed) while the request runs; the stream's last event.
+
+    The old engine's EngineCore process is stopped (SIGSTOP) before the request is sent and
+    let go (SIGCONT) once the replacement is answered, so the request is surely still
+    running on the old engine when its entry is replaced, however fast the machine is.
+    """
+    core = engine_core(server)
+    body = {
+        "model": "tiny-llama",
+        "prompt": PROMPT,
+        "stream": True,
+        "model_parameters": {"temperature": 0, "max_tokens": STREAM_TOKENS},
+    }
     with server.client(api_key=ADMIN_KEY) as admin:
         entry = admin.get("/v4/admin/models/tiny-llama").json()["entry"]
         entry["engine_args"] = {**entry["engine_args"], "max_num_seqs": 64}
-        body = {
-            "model": "tiny-llama",
-            "prompt": PROMPT,
-            "stream": True,
-            "model_parameters": {"temperature": 0, "max_tokens": STREAM_TOKENS},
-        }
-        with server.client() as http, http.stream("POST", "/v4/completions", json=body) as stream:
-            assert stream.status_code == 200
-            request_id = stream.headers["x-request-id"]
-            events = (line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: "))
-            next(events)
+        streamer = ThreadPoolExecutor(max_workers=1)
+        core.suspend()
+        try:
+            streamed = streamer.submit(stream_to_the_end, server, body)
+            wait_for(lambda: models(server)["tiny-llama"]["running_requests"] == 1)
             replaced = admin.put("/v4/admin/models/tiny-llama", json=entry)
             assert replaced.status_code == 200, replaced.text
             assert replaced.json()["changes"]["restarted"] == ["tiny-llama"]
-            *_, last = events
-    return {**json.loads(last), "request_id": request_id}
+            assert not streamed.done()
+        finally:
+            core.resume()
+            streamer.shutdown(wait=True)
+    return streamed.result()
 
 
 def test_a_lora_adapter_added_live_a_sighup_reload_and_a_restart(tmp_path: Path) -> None:

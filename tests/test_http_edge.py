@@ -23,7 +23,7 @@ from server.api import create_app
 from server.registry import Registry, load_registry
 from server.settings import Settings
 from tests.conftest import API_KEY, FIXTURES, OTHER_KEY
-from tests.in_process import InProcessServer, cached_registry, serve_in_process
+from tests.in_process import InProcessServer, asgi_post_scope, cached_registry, serve_in_process
 
 MAX_BODY = 4096
 OVERLAY = """\
@@ -98,20 +98,8 @@ async def test_no_key_is_refused_while_the_body_is_still_coming(
 ) -> None:
     """The application is called with a body that never arrives: it must answer without
     asking for it. (A declared length over the limit would be 413; the key comes first.)"""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v4/completions",
-        "raw_path": b"/v4/completions",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"test"), (b"content-type", b"application/json"), framing],
-        "server": ("test", 80),
-        "client": ("127.0.0.1", 1),
-    }
+    headers = [(b"host", b"test"), (b"content-type", b"application/json"), framing]
+    scope = asgi_post_scope("/v4/completions", headers)
     body_read = asyncio.Event()
     sent: list[dict[str, Any]] = []
 

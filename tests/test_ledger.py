@@ -27,7 +27,7 @@ from server.api import state_of
 from server.cli import main as cli_main
 from server.telemetry import Ledger, UsageFilter, UsageRecord
 from tests.conftest import ACCOUNT, API_KEY, API_KEYS, OTHER_KEY
-from tests.in_process import InProcessServer, serve_in_process
+from tests.in_process import InProcessServer, asgi_post_scope, serve_in_process
 
 ADMIN_KEY = "admin-key"
 KEYS = f"{API_KEYS},{ADMIN_KEY}::admin"
@@ -255,21 +255,8 @@ async def test_the_last_byte_waits_for_the_commit(tmp_path: Path, stream: bool) 
         async def send(message: dict) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v4/completions",
-            "raw_path": b"/v4/completions",
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"x-api-key", API_KEY.encode()), (b"content-type", b"application/json")],
-            "client": ("127.0.0.1", 1),
-            "server": ("testserver", 80),
-            "state": {},
-        }
+        headers = [(b"x-api-key", API_KEY.encode()), (b"content-type", b"application/json")]
+        scope = asgi_post_scope("/v4/completions", headers)
         request = asyncio.ensure_future(server.app(scope, receive, send))
         await asyncio.wait_for(gated.written.wait(), 30)
         assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200

@@ -28,7 +28,7 @@ class StandInGpuEngine(Engine):
         self.model_id, self.launch, self.max_model_len = model_id, launch, 2048
         self.calls: list[str] = []
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+    async def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
         raise NotImplementedError
 
     async def prepare(self, prompt, sampling, **kwargs):

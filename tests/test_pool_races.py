@@ -28,6 +28,7 @@ from server.errors import UnavailableError
 from server.pool import EnginePool, ModelStatus
 from server.pool import pool as pool_module
 from server.pool.placement import Device
+from server.pool.slot import HEALTHY_SECONDS
 from server.registry import ModelEntry, RegisteredModel, Registry
 from tests.test_pool_gpu_paths import StandInGpuEngine
 
@@ -233,7 +234,7 @@ async def test_an_engine_that_keeps_dying_is_restarted_with_a_growing_back_off(t
         await scene.use("a")
     assert len(scene.engines["a"]) == 5
     # An engine that served long enough wipes the slate: its death is a first failure again.
-    scene.clock.now += pool_module.HEALTHY_SECONDS
+    scene.clock.now += HEALTHY_SECONDS
     scene.engine("a").is_alive = False
     await scene.use("a")
     assert len(scene.engines["a"]) == 6

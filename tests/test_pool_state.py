@@ -1,4 +1,4 @@
-"""One model's state in the pool (``_Slot``): its transitions, and the ones it refuses.
+"""One model's state in the pool (``Slot``): its transitions, and the ones it refuses.
 
 The slot decides nothing by itself and runs no engine, so it is tested directly with a
 fake clock; how the pool drives it through loads, races and failures is tested in
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from server.engines.base import LaunchOptions
-from server.pool.pool import HEALTHY_SECONDS, ModelState, _Slot
+from server.pool.slot import HEALTHY_SECONDS, ModelState, Slot
 from server.registry import ModelEntry, RegisteredModel
 from tests.test_pool_gpu_paths import StandInGpuEngine
 
@@ -34,9 +34,9 @@ class Clock:
         return self.now
 
 
-def make_slot(clock: Clock, **fields: object) -> _Slot:
+def make_slot(clock: Clock, **fields: object) -> Slot:
     entry = ModelEntry(source="/weights/m", **fields)
-    return _Slot(RegisteredModel("m", entry, Path("ops.yaml")), clock)
+    return Slot(RegisteredModel("m", entry, Path("ops.yaml")), clock)
 
 
 def engine() -> StandInGpuEngine:
@@ -123,7 +123,7 @@ def test_pinned_models_are_never_evictable() -> None:
     assert not slot.evictable and not slot.resident().evictable
 
 
-# Every transition from every state: what the table in _Slot's docstring says. ----------
+# Every transition from every state: what the table in Slot's docstring says. ----------
 
 ANY = frozenset(ModelState)
 ALLOWED: dict[str, frozenset[ModelState]] = {
@@ -135,7 +135,7 @@ ALLOWED: dict[str, frozenset[ModelState]] = {
     "mark_unloaded": frozenset({LOADING, READY, SLEEPING, FAILED}),
     "mark_unloaded(failed=True)": frozenset({LOADING, FAILED}),
 }
-CALLS: dict[str, Callable[[_Slot], object]] = {
+CALLS: dict[str, Callable[[Slot], object]] = {
     "mark_loading": lambda slot: slot.mark_loading(),
     "mark_ready": lambda slot: slot.mark_ready(slot.engine or engine(), loading_since=0.0),
     "mark_load_deferred": lambda slot: slot.mark_load_deferred(),
@@ -146,7 +146,7 @@ CALLS: dict[str, Callable[[_Slot], object]] = {
 }
 
 
-def slot_in(state: ModelState) -> _Slot:
+def slot_in(state: ModelState) -> Slot:
     """A slot put in ``state`` directly, with an engine wherever the state may have one."""
     slot = make_slot(Clock())
     slot.state = state

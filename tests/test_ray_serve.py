@@ -27,7 +27,7 @@ import psutil
 import pytest
 from scale_gp import SGPClient
 
-from tests.conftest import API_KEY, FIXTURES, RunningServer
+from tests.conftest import API_KEY, FIXTURES, TEST_HOME, RunningServer
 from tests.ray_cluster import HOSTS, RayNode, cluster_view, start_ingress
 
 pytestmark = pytest.mark.slow
@@ -138,6 +138,28 @@ def test_errors_are_the_same_json(ingress: RunningServer) -> None:
     # A request refused by the replica (the context check runs there) names no stack.
     assert "max_tokens" in too_long.json()["error"]["message"]
     assert "Traceback" not in too_long.text
+
+
+def test_chat_templates_and_token_echoes_are_the_replicas(ingress: RunningServer) -> None:
+    """The ingress has no tokenizer: the model's replica renders a conversation with the
+    model's template and decodes echoed token IDs (calls the ingress awaits, never blocks on)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TEST_HOME / "builtin" / "tiny-llama")
+    messages = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Hello"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rendered_ids = tokenizer(rendered, add_special_tokens=False).input_ids
+    greedy = {"max_tokens": 6, "temperature": 0}
+    with ingress.client() as http:
+        chat = http.post("/v1/chat/completions", json={"model": LLAMA, "messages": messages, **greedy})
+        raw = http.post("/v1/completions", json={"model": LLAMA, "prompt": rendered_ids, **greedy})
+        echoed = http.post("/v1/completions", json={"model": LLAMA, "prompt": rendered_ids, "echo": True, **greedy})
+    for response in (chat, raw, echoed):
+        assert response.status_code == 200, response.text
+    assert chat.json()["usage"]["prompt_tokens"] == len(rendered_ids)
+    answer = raw.json()["choices"][0]["text"]
+    assert chat.json()["choices"][0]["message"]["content"] == answer
+    assert echoed.json()["choices"][0]["text"] == tokenizer.decode(rendered_ids) + answer
 
 
 def test_killed_replica_moves_its_model(ingress: RunningServer) -> None:

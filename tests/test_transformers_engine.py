@@ -25,6 +25,7 @@ from scale_gp import AsyncSGPClient, BadRequestError, SGPClient
 from server.engines._detokenizer import IncrementalDetokenizer
 from server.engines._stop_sequences import StopSequenceFilter
 from tests.conftest import API_KEY, FIXTURES, TEST_HOME, RunningServer, start_server
+from tests.test_metrics import samples
 
 GREEDY = {"temperature": 0.0}
 # Greedy decoding of the tiny T5 ends this prompt with EOS after 7 tokens.
@@ -203,11 +204,27 @@ def test_concurrent_requests_share_decoder_steps(client: SGPClient, served: Serv
             )
         return [r.completion.text for r in responses]
 
+    steps_before = steps_of_more_than_two(served)
     # Batched rows are padded and masked: each still decodes exactly as it did alone.
     assert dict(zip(prompts, asyncio.run(together()), strict=True)) == alone
     # The engine logs each new high of sequences decoded in one step.
     peaks = re.findall(rf"model {served.model}: (\d+) sequences in one step", served.server.log())
     assert max(map(int, peaks)) == len(prompts)
+    # And its batch thread reports every step's size to /metrics: requests alone make
+    # steps of one sequence, so the steps of three or more are the shared ones.
+    assert steps_of_more_than_two(served) > steps_before
+
+
+def steps_of_more_than_two(served: Served) -> float:
+    """Engine steps of the model that held more than two sequences, as /metrics counts them;
+    the engine has no KV-cache figure to report, and reports none."""
+    with served.server.client() as http:
+        exported = samples(http.get("/metrics").text)
+    model = {"model": served.model}
+    assert ("v4serve_engine_waiting_requests", frozenset(model.items())) in exported
+    assert ("v4serve_engine_kv_cache_usage_ratio", frozenset(model.items())) not in exported
+    count = exported.get(("v4serve_engine_batch_size_count", frozenset(model.items())), 0.0)
+    return count - exported.get(("v4serve_engine_batch_size_bucket", frozenset({**model, "le": "2.0"}.items())), 0.0)
 
 
 @pytest.mark.slow

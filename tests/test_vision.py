@@ -339,7 +339,7 @@ class TemplateOnly:
         self._tokenizer = tokenizer
         self._template = template
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
+    async def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
         return render_chat(self._tokenizer, MODEL, messages, self._template)
 
 
@@ -363,21 +363,21 @@ def entry(vision: VisionSettings, prompt_format: str = "raw") -> ModelEntry:
     return ModelEntry(source="builtin:tiny-llava", vision=vision, prompt_format=prompt_format)
 
 
-def test_raw_prompts_get_one_placeholder_per_image(tokenizer: Any) -> None:
+async def test_raw_prompts_get_one_placeholder_per_image(tokenizer: Any) -> None:
     engine = TemplateOnly(tokenizer)
-    assert build_prompt("Hi", entry(LLAVA), engine, images=2).text == "<image>\n<image>\nHi"
-    assert build_prompt("Hi", entry(NUMBERED), engine, images=2).text == "<|image_1|>\n<|image_2|>\nHi"
-    assert build_prompt("A <|image_1|> B <|image_2|>", entry(NUMBERED), engine, images=2).text == (
+    assert (await build_prompt("Hi", entry(LLAVA), engine, images=2)).text == "<image>\n<image>\nHi"
+    assert (await build_prompt("Hi", entry(NUMBERED), engine, images=2)).text == "<|image_1|>\n<|image_2|>\nHi"
+    assert (await build_prompt("A <|image_1|> B <|image_2|>", entry(NUMBERED), engine, images=2)).text == (
         "A <|image_1|> B <|image_2|>"
     )
     # Without images the prompt is the caller's, placeholders or not.
-    assert build_prompt("<image> Hi", entry(LLAVA), engine).text == "<image> Hi"
+    assert (await build_prompt("<image> Hi", entry(LLAVA), engine)).text == "<image> Hi"
     with pytest.raises(InvalidRequestError, match=r"holds 1 image placeholder\(s\) \(<\|image_\{n\}\|>\) but 2"):
-        build_prompt("<|image_7|> Hi", entry(NUMBERED), engine, images=2)
+        await build_prompt("<|image_7|> Hi", entry(NUMBERED), engine, images=2)
 
 
-def test_a_chat_template_that_knows_images_places_them(tokenizer: Any) -> None:
-    built = build_prompt("Hi", entry(LLAVA, "chat"), TemplateOnly(tokenizer), images=2)
+async def test_a_chat_template_that_knows_images_places_them(tokenizer: Any) -> None:
+    built = await build_prompt("Hi", entry(LLAVA, "chat"), TemplateOnly(tokenizer), images=2)
     assert built.text == "<s><|user|>\n<image>\n<image>\nHi\n<|assistant|>\n"
     assert not built.add_special_tokens
 
@@ -389,14 +389,14 @@ def test_a_chat_template_that_knows_images_places_them(tokenizer: Any) -> None:
         pytest.param(STRING_ONLY_TEMPLATE, id="rejects-the-list"),
     ],
 )
-def test_a_chat_template_that_does_not_know_images_gets_them_in_the_text(tokenizer: Any, template: str) -> None:
+async def test_a_chat_template_that_does_not_know_images_gets_them_in_the_text(tokenizer: Any, template: str) -> None:
     engine = TemplateOnly(tokenizer, template)
-    text = build_prompt("Hi", entry(NUMBERED, "chat"), engine, images=2).text
-    assert text == engine.apply_chat_template([{"role": "user", "content": "<|image_1|>\n<|image_2|>\nHi"}])
+    text = (await build_prompt("Hi", entry(NUMBERED, "chat"), engine, images=2)).text
+    assert text == await engine.apply_chat_template([{"role": "user", "content": "<|image_1|>\n<|image_2|>\nHi"}])
 
 
-def test_chat_prompts_keep_the_callers_placeholders(tokenizer: Any) -> None:
-    text = build_prompt("A <image> B", entry(LLAVA, "chat"), TemplateOnly(tokenizer), images=1).text
+async def test_chat_prompts_keep_the_callers_placeholders(tokenizer: Any) -> None:
+    text = (await build_prompt("A <image> B", entry(LLAVA, "chat"), TemplateOnly(tokenizer), images=1)).text
     assert text == "<s><|user|>\nA <image> B\n<|assistant|>\n"
 
 

@@ -18,7 +18,7 @@ from contextlib import aclosing, suppress
 from typing import TYPE_CHECKING, Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from server.cluster.protocol import EngineFacts
 from server.cluster.router import ReplicaHandle, ReplicaLost, Router, unwrap
@@ -33,8 +33,6 @@ logger = logging.getLogger(__name__)
 # The replicas that served the current HTTP request, for its response header: a list
 # the ingress's middleware puts here per request and reads when the response starts.
 served_by: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("served_by", default=None)
-# How long a blocking call (a chat template, a decode) may wait on a replica.
-SYNC_CALL_TIMEOUT_SECONDS = 60.0
 
 
 class RemoteEngine(Engine):
@@ -60,38 +58,26 @@ class RemoteEngine(Engine):
         """A call goes to each replica once at most, then gives up."""
         return max(1, len(self._router.replicas)) + 1
 
-    def _bound_now(self) -> ReplicaHandle:
-        """The replica for a blocking call, which cannot wait for a load elsewhere."""
-        replica = self._router.bound(self.model_id)
-        if replica is None or not replica.alive:
-            raise UnavailableError(
-                f"model '{self.model_id}' is moving to another replica; retry in a moment", retry_after=5
-            )
-        return replica
+    async def _ask(self, method: str, *args: Any) -> Any:
+        """The answer of the model's replica to ``method``; asked again of the replica the
+        model is bound to next when that one is gone."""
+        for _ in range(self._attempts()):
+            replica = await self._replica()
+            try:
+                return await self._router.call(replica, getattr(replica.actor, method).remote(self.model_id, *args))
+            except ReplicaLost:
+                continue
+        raise UnavailableError(f"no replica could take model '{self.model_id}'; retry later", retry_after=10)
 
-    def _blocking(self, method: str, *args: Any) -> Any:
-        replica = self._bound_now()
-        try:
-            return ray.get(
-                getattr(replica.actor, method).remote(self.model_id, *args), timeout=SYNC_CALL_TIMEOUT_SECONDS
-            )
-        except RayTaskError as exc:
-            raise unwrap(exc) from None
-        except (RayActorError, GetTimeoutError) as exc:
-            self._router.lost(replica)
-            raise UnavailableError(
-                f"the replica serving model '{self.model_id}' is gone; retry in a moment", retry_after=5
-            ) from exc
-
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
-        text: str = self._blocking("apply_chat_template", list(messages))
+    async def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
+        text: str = await self._ask("apply_chat_template", list(messages))
         return text
 
     def has_chat_template(self) -> bool:
         return self._facts.has_chat_template
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        text: str = self._blocking("decode", list(token_ids))
+    async def decode(self, token_ids: Sequence[int]) -> str:
+        text: str = await self._ask("decode", list(token_ids))
         return text
 
     async def prepare(
@@ -103,17 +89,10 @@ class RemoteEngine(Engine):
         adapter: str | None = None,
         images: Sequence[PIL.Image.Image] = (),
     ) -> PreparedRequest:
-        for _ in range(self._attempts()):
-            replica = await self._replica()
-            ref = replica.actor.prepare.remote(
-                self.model_id, prompt, sampling, add_special_tokens, adapter, list(images)
-            )
-            try:
-                prepared: PreparedRequest = await self._router.call(replica, ref)
-            except ReplicaLost:
-                continue
-            return prepared
-        raise UnavailableError(f"no replica could take model '{self.model_id}'; retry later", retry_after=10)
+        prepared: PreparedRequest = await self._ask(
+            "prepare", prompt, sampling, add_special_tokens, adapter, list(images)
+        )
+        return prepared
 
     async def generate(
         self, request: PreparedRequest, request_id: str, *, stream: bool = True

@@ -157,14 +157,14 @@ class Replica:
     async def apply_chat_template(self, model_id: str, messages: Sequence[dict[str, Any]]) -> str:
         lease = await self._pool.lease(model_id)
         try:
-            return lease.engine.apply_chat_template(messages)
+            return await lease.engine.apply_chat_template(messages)
         finally:
             lease.release()
 
     async def decode(self, model_id: str, token_ids: Sequence[int]) -> str:
         lease = await self._pool.lease(model_id)
         try:
-            return lease.engine.decode(token_ids)
+            return await lease.engine.decode(token_ids)
         finally:
             lease.release()
 

@@ -24,7 +24,7 @@ import collections
 import contextlib
 import logging
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -121,9 +121,22 @@ class Job:
         )
 
 
+# Told after each model step, on the worker's thread: (sequences in the step, jobs waiting).
+StepListener = Callable[[int, int], None]
+
+
 class BatchWorker:
-    def __init__(self, prefill: Prefill, *, name: str, max_batch_size: int, eos_token_ids: Collection[int]):
+    def __init__(
+        self,
+        prefill: Prefill,
+        *,
+        name: str,
+        max_batch_size: int,
+        eos_token_ids: Collection[int],
+        on_step: StepListener | None = None,
+    ):
         self._prefill = prefill
+        self._on_step = on_step
         self._name = name
         self._max_batch_size = max_batch_size
         self._eos_token_ids = frozenset(eos_token_ids)
@@ -314,6 +327,8 @@ class BatchWorker:
             self._running -= 1
 
     def _note_batch_size(self, size: int) -> None:
+        if self._on_step is not None:
+            self._on_step(size, len(self._inbox))
         if size > self.peak_batch_size:
             self.peak_batch_size = size
             if size > 1:

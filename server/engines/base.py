@@ -144,18 +144,20 @@ class Engine(ABC):
     max_model_len: int
 
     @abstractmethod
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
+    async def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
         """Render a conversation with the model's own template, ready to generate.
 
         A message's content is a string, or a list of parts (``{"type": "text", "text":
         ...}``, ``{"type": "image"}``) for templates that place images themselves.
+        A coroutine, as ``decode`` is, because the tokenizer may live in another process
+        (a Ray replica's engine): waiting for it must not hold the event loop.
         """
 
     def has_chat_template(self) -> bool:
         """Whether ``apply_chat_template`` has a template to render with."""
         return True
 
-    def decode(self, token_ids: Sequence[int]) -> str:
+    async def decode(self, token_ids: Sequence[int]) -> str:
         """Token IDs -> text, special tokens included, as vLLM echoes a token prompt."""
         raise NotImplementedError(f"{type(self).__name__} cannot decode tokens")
 

@@ -20,7 +20,7 @@ import logging
 from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from server.engines._batch_worker import Batch, BatchWorker, Job
+from server.engines._batch_worker import Batch, BatchWorker, Job, StepListener
 from server.engines._causal_batch import CausalBatch
 from server.engines._detokenizer import IncrementalDetokenizer
 from server.engines._seq2seq_batch import Seq2SeqBatch
@@ -37,6 +37,7 @@ from server.engines.rules import fit_to_context, render_chat
 from server.errors import InvalidRequestError, ServingError
 from server.registry import ModelEntry
 from server.registry.engine_kinds import model_type_refusal
+from server.telemetry import EngineMetrics
 
 if TYPE_CHECKING:
     import torch
@@ -74,17 +75,24 @@ class TransformersEngine(Engine):
         weights: str,
         adapters: Sequence[AdapterRef] = (),
         launch: LaunchOptions = LaunchOptions(),
+        *,
+        metrics: EngineMetrics | None = None,
     ) -> TransformersEngine:
-        """Load off the event loop: reading weights blocks for seconds to minutes."""
+        """Load off the event loop: reading weights blocks for seconds to minutes.
+
+        ``metrics`` receive each step's batch size and the requests waiting for a row.
+        """
         if adapters:
             raise ValueError(
                 f"LoRA adapters ({', '.join(a.name for a in adapters)}) are registered on "
                 f"'{model_id}', but the transformers engine does not serve adapters"
             )
-        return await asyncio.to_thread(cls._load, model_id, entry, weights, _device(launch))
+        return await asyncio.to_thread(cls._load, model_id, entry, weights, _device(launch), metrics)
 
     @classmethod
-    def _load(cls, model_id: str, entry: ModelEntry, weights: str, device: str) -> TransformersEngine:
+    def _load(
+        cls, model_id: str, entry: ModelEntry, weights: str, device: str, metrics: EngineMetrics | None
+    ) -> TransformersEngine:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         unknown = sorted(set(entry.engine_args) - ENGINE_ARGS)
@@ -121,6 +129,7 @@ class TransformersEngine(Engine):
             name=model_id,
             max_batch_size=int(entry.engine_args.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)),
             eos_token_ids=_eos_token_ids(model, tokenizer),
+            on_step=None if metrics is None else _step_reporter(metrics),
         )
         max_model_len = entry.max_model_len or _context_length(config, tokenizer)
         logger.info("model %s on %s (%s), context %d tokens", model_id, model.device, model.dtype, max_model_len)
@@ -128,13 +137,13 @@ class TransformersEngine(Engine):
         vocab_size = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
         return cls(model_id, tokenizer, worker, max_model_len, vocab_size)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
+    async def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
         return render_chat(self._tokenizer, self.model_id, messages)
 
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tokenizer, "chat_template", None))
 
-    def decode(self, token_ids: Sequence[int]) -> str:
+    async def decode(self, token_ids: Sequence[int]) -> str:
         text: str = self._tokenizer.decode(list(token_ids))
         return text
 
@@ -228,6 +237,13 @@ class TransformersEngine(Engine):
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._worker.close)
+
+
+def _step_reporter(metrics: EngineMetrics) -> StepListener:
+    def report(running: int, waiting: int) -> None:
+        metrics.scheduler_step(running=running, waiting=waiting)
+
+    return report
 
 
 def _device(launch: LaunchOptions) -> str:

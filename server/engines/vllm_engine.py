@@ -206,13 +206,13 @@ class VLLMEngine(Engine):
         engine._traced = traces_endpoint is not None
         return engine
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
+    async def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
         return render_chat(self._llm.get_tokenizer(), self.model_id, messages, self._chat_template)
 
     def has_chat_template(self) -> bool:
         return bool(self._chat_template or getattr(self._llm.get_tokenizer(), "chat_template", None))
 
-    def decode(self, token_ids: Sequence[int]) -> str:
+    async def decode(self, token_ids: Sequence[int]) -> str:
         text: str = self._llm.get_tokenizer().decode(list(token_ids))
         return text
 

@@ -6,7 +6,9 @@ an ``Engine``), so the engine types it needs are re-exported here.
 
 from server.engines import Engine, GenerationDelta, PreparedRequest, SamplingOptions
 from server.pool.memory import discover_devices
-from server.pool.pool import ENGINE_STARTERS, EnginePool, EngineStarter, Lease, ModelState, ModelStatus
+from server.pool.pool import EnginePool, Lease
+from server.pool.slot import ModelState, ModelStatus
+from server.pool.starters import ENGINE_STARTERS, EngineStarter
 
 __all__ = [
     "ENGINE_STARTERS",

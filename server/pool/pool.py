@@ -12,7 +12,7 @@ unloads (or, with sleep mode on GPUs, puts to sleep) the least recently used mod
 is neither pinned nor serving a request; a model unused for longer than its keep-alive
 is unloaded by itself. An engine that dies is noticed, its requests fail with 503, and
 it is restarted by the next request, with a growing back-off if it keeps failing (see
-``HEALTHY_SECONDS``).
+``server.pool.slot.HEALTHY_SECONDS``).
 
 Every change to which engines hold memory (start, wake, sleep, unload) happens under one
 lock, and memory is handed back only once an engine has finished going to sleep or
@@ -34,85 +34,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import gc
-import itertools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from server.engines.base import AdapterRef, Engine, LaunchOptions
 from server.errors import ModelNotFoundError, UnavailableError
-from server.pool.admission import AdmissionGate
-from server.pool.eviction import Resident, pick_victim
+from server.pool.eviction import pick_victim
 from server.pool.live import ConflictError, RegistryChanges, adapter_weights_changed, compare, needs_new_engine
 from server.pool.memory import memory_need
 from server.pool.placement import Device, DevicePlanner, Placement
-from server.registry import ModelEntry, RegisteredModel, Registry
+from server.pool.slot import ModelState, ModelStatus, Slot
+from server.pool.starters import EngineStarter, engine_starters
+from server.registry import RegisteredModel, Registry
 from server.telemetry import Telemetry, phase
 from server.weights import lora_rank, resolve_source
 from server.weights.hub import HubError
 
 logger = logging.getLogger(__name__)
 
-# (model ID, entry, weights, LoRA adapters on the model, launch options) -> a ready engine.
-EngineStarter = Callable[[str, ModelEntry, str, Sequence[AdapterRef], LaunchOptions], Awaitable[Engine]]
-
-# Back-off after a failed load, a failed wake or a dead engine. Failures are counted
-# until an engine of the model has served for HEALTHY_SECONDS: the first is retried at
-# once (the cause may have been a one-off), then the waits double from
-# FIRST_BACKOFF_SECONDS (2, 4, 8 ... s) up to MAX_BACKOFF_SECONDS. A successful load
-# alone does not reset the count, so a request that kills its engine every time makes
-# reloads ever rarer instead of forcing one each time.
-FIRST_BACKOFF_SECONDS = 2.0
-MAX_BACKOFF_SECONDS = 60.0
-HEALTHY_SECONDS = 60.0
 # How often idle models are checked against their keep-alive and engines for liveness.
 WATCH_INTERVAL_SECONDS = 1.0
-
-
-def _start_vllm(
-    model_id: str,
-    entry: ModelEntry,
-    weights: str,
-    adapters: Sequence[AdapterRef],
-    launch: LaunchOptions,
-    *,
-    telemetry: Telemetry | None = None,
-) -> Awaitable[Engine]:
-    from server.engines.vllm_engine import VLLMEngine
-
-    if telemetry is None:
-        return VLLMEngine.start(model_id, entry, weights, adapters, launch)
-    # vLLM's scheduler statistics (KV cache, preemptions, batch sizes) under the model's
-    # label, and its own spans sent where the server's go.
-    return VLLMEngine.start(
-        model_id,
-        entry,
-        weights,
-        adapters,
-        launch,
-        metrics=telemetry.metrics.engine(model_id),
-        traces_endpoint=telemetry.tracing.traces_url,
-    )
-
-
-def _start_transformers(
-    model_id: str, entry: ModelEntry, weights: str, adapters: Sequence[AdapterRef], launch: LaunchOptions
-) -> Awaitable[Engine]:
-    from server.engines.transformers_engine import TransformersEngine
-
-    return TransformersEngine.start(model_id, entry, weights, adapters, launch)
-
-
-ENGINE_STARTERS: dict[str, EngineStarter] = {"vllm": _start_vllm, "transformers": _start_transformers}
-
-# Numbers slots in the order they were made: a new slot of a model ID waits only for the
-# retirement of slots made before it (``EnginePool.replace_registry``).
-_SLOT_SERIALS = itertools.count()
 
 
 class OverBudgetError(RuntimeError):
@@ -125,203 +70,13 @@ _PUBLIC_ERRORS = (HubError, OverBudgetError)
 _LOCAL_PATH = re.compile(r"(?<![\w.:/~-])~?/[^\s'\"`()\[\],;]+")
 
 
-class ModelState(str, enum.Enum):
-    NOT_LOADED = "not_loaded"
-    LOADING = "loading"
-    READY = "ready"
-    SLEEPING = "sleeping"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    model_id: str
-    aliases: tuple[str, ...]
-    source: str | None
-    base: str | None
-    adapter: str | None
-    engine: str
-    state: ModelState
-    running: int
-    queued: int
-    pinned: bool
-    memory: int | None
-    devices: str | None
-    error: str | None
-    load_seconds: float | None
-    idle_seconds: float | None
-
-
-class _Slot:
-    """Everything the pool knows about one engine-backed model.
-
-    Its fields change only through the methods below; each asserts that its transition
-    is one the pool makes:
-
-    ==================== ================================= =================================
-    method               from                              to
-    ==================== ================================= =================================
-    mark_loading         NOT_LOADED, SLEEPING, FAILED,     LOADING (a sleeping engine stays,
-                         LOADING (again, under the lock)   to be woken)
-    mark_ready           LOADING                           READY, with its engine
-    mark_load_deferred   LOADING (no room right now)       SLEEPING with an engine, else
-                                                           NOT_LOADED
-    mark_sleeping        READY                             SLEEPING, keeping the engine
-    mark_failed          LOADING, READY, SLEEPING, FAILED  FAILED, with the back-off
-    mark_unloaded        LOADING, READY, SLEEPING, FAILED  NOT_LOADED, or FAILED from
-                         (any with an engine)              LOADING or FAILED; no engine
-    ==================== ================================= =================================
-
-    ``mark_unloaded`` leaves LOADING when a wake fails, at shutdown, and when an eviction
-    that began before a request asked for the model again ends by unloading it (the
-    request's load waits for it on the start lock, then starts a fresh engine). An
-    engine that stops serving (sleeps, is unloaded or dies) forgives past failures if it
-    served for ``HEALTHY_SECONDS``. Where its engine runs (``placement``) is kept beside
-    the state: memory is handed back only once an engine has shut down, so an unloaded
-    model may still hold its placement for a moment.
-    """
-
-    def __init__(self, registered: RegisteredModel, clock: Callable[[], float]):
-        entry = registered.entry
-        self.registered = registered
-        self._clock = clock
-        self.state = ModelState.NOT_LOADED
-        self.engine: Engine | None = None
-        self.placement: Placement | None = None
-        self.error: str | None = None
-        self.failures = 0  # in a row: reset once an engine has served for HEALTHY_SECONDS
-        self.retry_at = 0.0
-        self.ready_at: float | None = None  # when the engine last became ready to serve
-        self.load_seconds: float | None = None
-        self.load_task: asyncio.Task[Engine] | None = None
-        self.gate = AdmissionGate(registered.model_id, max_running=entry.max_running, max_queued=entry.max_queued)
-        self.holders = 0  # requests holding or waiting for this engine
-        self.last_used = clock()
-        self.serial = next(_SLOT_SERIALS)
-        self._idle = asyncio.Event()  # set while no request holds the engine
-        self._idle.set()
-
-    @property
-    def model_id(self) -> str:
-        return self.registered.model_id
-
-    def resident(self) -> Resident:
-        """What eviction decides by (``server.pool.eviction``)."""
-        return Resident(
-            model_id=self.model_id,
-            ready=self.state is ModelState.READY,
-            pinned=self.registered.entry.pinned,
-            holders=self.holders,
-            last_used=self.last_used,
-        )
-
-    @property
-    def evictable(self) -> bool:
-        return self.resident().evictable
-
-    # ----- requests holding the engine -------------------------------------------------
-
-    def hold(self) -> None:
-        """A request holds (or waits for) the engine: it is not evicted meanwhile."""
-        self.holders += 1
-        self._idle.clear()
-
-    def let_go(self) -> None:
-        """A request holds the engine no more; the model counts as used now."""
-        assert self.holders > 0, f"model {self.model_id}: let go more often than held"
-        self.holders -= 1
-        self.last_used = self._clock()
-        if self.holders == 0:
-            self._idle.set()
-
-    async def drained(self) -> None:
-        """Until no request holds or waits for the engine."""
-        await self._idle.wait()
-
-    def update(self, registered: RegisteredModel) -> None:
-        """Take a changed entry that the running engine serves through (``live.SERVING_KEYS``)."""
-        self.registered = registered
-        self.gate.resize(max_running=registered.entry.max_running, max_queued=registered.entry.max_queued)
-
-    # ----- where the engine runs -------------------------------------------------------
-
-    def set_placement(self, placement: Placement) -> None:
-        self.placement = placement
-
-    def clear_placement(self) -> None:
-        self.placement = None
-
-    # ----- state transitions (see the class docstring) ---------------------------------
-
-    def _expect(self, transition: str, *allowed: ModelState) -> None:
-        assert self.state in allowed, f"model {self.model_id}: {transition} from {self.state.value}"
-
-    def mark_loading(self) -> None:
-        self._expect("mark_loading", ModelState.NOT_LOADED, ModelState.SLEEPING, ModelState.FAILED, ModelState.LOADING)
-        self.state = ModelState.LOADING
-
-    def mark_ready(self, engine: Engine, *, loading_since: float) -> None:
-        """``engine`` serves, loaded (or woken) since ``loading_since``; past errors are cleared."""
-        self._expect("mark_ready", ModelState.LOADING)
-        assert self.engine is None or self.engine is engine, f"model {self.model_id}: ready with another engine"
-        self.engine, self.state, self.error = engine, ModelState.READY, None
-        self.ready_at = self.last_used = self._clock()
-        self.load_seconds = self.ready_at - loading_since
-
-    def mark_load_deferred(self) -> None:
-        """A load found no room now: back to asleep (an engine is there) or not loaded.
-
-        Not a failure of the model: nothing to back off from.
-        """
-        self._expect("mark_load_deferred", ModelState.LOADING)
-        self.state = ModelState.SLEEPING if self.engine is not None else ModelState.NOT_LOADED
-
-    def mark_sleeping(self) -> None:
-        """The engine is being put to sleep; it stays, to be woken."""
-        self._expect("mark_sleeping", ModelState.READY)
-        assert self.engine is not None, f"model {self.model_id}: asleep without an engine"
-        self._end_service()
-        self.state = ModelState.SLEEPING
-
-    def mark_failed(self, error: str) -> None:
-        """Failed with the public ``error``; the back-off grows with failures in a row."""
-        self._expect("mark_failed", ModelState.LOADING, ModelState.READY, ModelState.SLEEPING, ModelState.FAILED)
-        self._end_service()
-        self.failures += 1
-        backoff = _backoff(self.failures)
-        self.state, self.error, self.retry_at = ModelState.FAILED, error, self._clock() + backoff
-        logger.error(
-            "model %s %s (failure %d in a row; next try in %.0f s)", self.model_id, error, self.failures, backoff
-        )
-
-    def mark_unloaded(self, *, failed: bool = False) -> Engine:
-        """The engine leaves the slot, to be shut down by the caller: NOT_LOADED, or
-        FAILED (``failed``) for an engine that died or failed to wake. Its placement
-        stays until the caller has shut it down (``clear_placement``)."""
-        if failed:
-            self._expect("mark_unloaded(failed=True)", ModelState.LOADING, ModelState.FAILED)
-        else:
-            self._expect("mark_unloaded", ModelState.LOADING, ModelState.READY, ModelState.SLEEPING, ModelState.FAILED)
-        engine = self.engine
-        assert engine is not None, f"model {self.model_id}: unloaded without an engine"
-        self._end_service()
-        self.engine, self.state = None, ModelState.FAILED if failed else ModelState.NOT_LOADED
-        return engine
-
-    def _end_service(self) -> None:
-        """The engine stops serving: if it served long enough, past failures are forgiven."""
-        if self.ready_at is not None and self._clock() - self.ready_at >= HEALTHY_SECONDS:
-            self.failures = 0
-        self.ready_at = None
-
-
 class Lease:
     """One request's hold on an engine: an admission slot, and protection from eviction.
 
     ``release`` must be called exactly once when the request ends, however it ends.
     """
 
-    def __init__(self, pool: EnginePool, slot: _Slot, engine: Engine, started: float):
+    def __init__(self, pool: EnginePool, slot: Slot, engine: Engine, started: float):
         self.engine = engine
         self._pool, self._slot, self._started = pool, slot, started
         self._released = False
@@ -358,14 +113,12 @@ class EnginePool:
         self._load_timeout = load_timeout
         self._keep_alive = keep_alive
         self._sleep_mode = sleep_mode
-        self._starters: Mapping[str, EngineStarter] = starters or {
-            **ENGINE_STARTERS,
-            "vllm": self._start_vllm_reporting,
-        }
+        # None: the engines of ``engine_starters``, made to report where the pool does.
+        self._starters: Mapping[str, EngineStarter] | None = starters
         # Where loads, evictions, queue waits and the pool's state are reported (``report_to``).
         self._telemetry: Telemetry | None = None
         # Adapters get no slot: they are served by their base's engine.
-        self._slots = {m.model_id: _Slot(m, clock) for m in registry if not m.entry.is_adapter}
+        self._slots = {m.model_id: Slot(m, clock) for m in registry if not m.entry.is_adapter}
         self._adapters: dict[str, list[RegisteredModel]] = {}
         for m in registry:
             if m.entry.base is not None:
@@ -379,14 +132,9 @@ class EnginePool:
         # Registry changes apply one at a time (``replace_registry``).
         self._registry_lock = asyncio.Lock()
         # Slots the registry no longer has, each shut down once its requests end.
-        self._retiring: dict[_Slot, asyncio.Task[None]] = {}
+        self._retiring: dict[Slot, asyncio.Task[None]] = {}
         # Loads a registry change started (a replaced engine, a model pinned).
         self._loads: set[asyncio.Task[None]] = set()
-
-    def _start_vllm_reporting(
-        self, model_id: str, entry: ModelEntry, weights: str, adapters: Sequence[AdapterRef], launch: LaunchOptions
-    ) -> Awaitable[Engine]:
-        return _start_vllm(model_id, entry, weights, adapters, launch, telemetry=self._telemetry)
 
     def report_to(self, telemetry: Telemetry) -> None:
         """Report to ``telemetry``: counters as things happen, gauges on each scrape."""
@@ -433,7 +181,7 @@ class EnginePool:
             )
         return registered
 
-    def _slot_of(self, registered: RegisteredModel) -> _Slot:
+    def _slot_of(self, registered: RegisteredModel) -> Slot:
         """The slot of the engine serving ``registered``: an adapter's is its base's."""
         return self._slots[registered.entry.base or registered.model_id]
 
@@ -464,11 +212,11 @@ class EnginePool:
             raise
         return Lease(self, slot, engine, started)
 
-    def _release(self, slot: _Slot, started: float) -> None:
+    def _release(self, slot: Slot, started: float) -> None:
         slot.gate.leave(started)
         slot.let_go()
 
-    async def _ready_engine(self, slot: _Slot) -> Engine:
+    async def _ready_engine(self, slot: Slot) -> Engine:
         engine = slot.engine
         if engine is not None and slot.load_task is None and not engine.alive:
             await self._engine_died(slot, engine)
@@ -490,7 +238,7 @@ class EnginePool:
 
     # ----- loading, unloading --------------------------------------------------------
 
-    async def _load(self, slot: _Slot) -> Engine:
+    async def _load(self, slot: Slot) -> Engine:
         model_id = slot.model_id
         restart = slot.state is ModelState.FAILED
         slot.mark_loading()
@@ -528,7 +276,7 @@ class EnginePool:
         _freeze_gc_heap()
         return engine
 
-    async def _start(self, slot: _Slot) -> Engine:
+    async def _start(self, slot: Slot) -> Engine:
         model_id, entry = slot.model_id, slot.registered.entry
         assert entry.source is not None, "an entry with an engine of its own names its weights"
         weights, adapters = entry.source, []
@@ -548,12 +296,13 @@ class EnginePool:
         if adapters:
             logger.info("model %s serves LoRA adapters %s", model_id, ", ".join(a.name for a in adapters))
         try:
-            return await self._starters[entry.engine](model_id, entry, weights, adapters, launch)
+            starters = self._starters or engine_starters(self._telemetry)
+            return await starters[entry.engine](model_id, entry, weights, adapters, launch)
         except BaseException:
             self._free_placement(slot)
             raise
 
-    async def _wake(self, slot: _Slot) -> Engine:
+    async def _wake(self, slot: Slot) -> Engine:
         engine = slot.engine
         assert engine is not None and slot.placement is not None
         if self._planner is not None:
@@ -568,7 +317,7 @@ class EnginePool:
             raise
         return engine
 
-    async def _make_room(self, slot: _Slot, weights: str | None, on: tuple[Device, ...] | None = None) -> Placement:
+    async def _make_room(self, slot: Slot, weights: str | None, on: tuple[Device, ...] | None = None) -> Placement:
         """Place ``slot`` on devices, unloading least recently used idle models as needed."""
         assert self._planner is not None
         entry = slot.registered.entry
@@ -595,7 +344,7 @@ class EnginePool:
             await self._evict(self._slots[victim], reason=f"to make room for {slot.model_id}")
         return placement
 
-    async def _evict(self, slot: _Slot, *, reason: str) -> None:
+    async def _evict(self, slot: Slot, *, reason: str) -> None:
         """Free ``slot``'s memory: sleep when the engine can, else unload it.
 
         The caller holds the start lock.
@@ -619,7 +368,7 @@ class EnginePool:
         logger.info("unloading model %s %s", slot.model_id, reason)
         await self._unload(slot)
 
-    async def _unload(self, slot: _Slot, *, failed: bool = False) -> None:
+    async def _unload(self, slot: Slot, *, failed: bool = False) -> None:
         """Shut ``slot``'s engine down, then hand its memory back; the caller holds the start lock.
 
         ``failed``: the model stays failed (its engine died or failed to wake).
@@ -632,12 +381,12 @@ class EnginePool:
         finally:
             self._free_placement(slot)
 
-    def _free_placement(self, slot: _Slot) -> None:
+    def _free_placement(self, slot: Slot) -> None:
         if self._planner is not None:
             self._planner.release(slot.model_id)
         slot.clear_placement()
 
-    async def _engine_died(self, slot: _Slot, engine: Engine) -> None:
+    async def _engine_died(self, slot: Slot, engine: Engine) -> None:
         """Fail the model at once, then shut the dead ``engine`` down under the start lock.
 
         Several requests, and the watcher, may notice the same death: the first says so,
@@ -729,16 +478,16 @@ class EnginePool:
         before = self._registry.model(registered.model_id)
         return before is None or not before.entry.is_adapter or adapter_weights_changed(before.entry, registered.entry)
 
-    def _install(self, registry: Registry, restart: set[str]) -> tuple[list[_Slot], list[_Slot]]:
+    def _install(self, registry: Registry, restart: set[str]) -> tuple[list[Slot], list[Slot]]:
         """Swap to ``registry`` (synchronously: no request sees half of it); the slots
         retired, and the new slots to load at once."""
-        slots: dict[str, _Slot] = {}
+        slots: dict[str, Slot] = {}
         for registered in registry:
             if registered.entry.is_adapter:
                 continue
             slot = self._slots.get(registered.model_id)
             if slot is None or registered.model_id in restart:
-                slot = _Slot(registered, self._clock)
+                slot = Slot(registered, self._clock)
             else:
                 slot.update(registered)
             slots[registered.model_id] = slot
@@ -760,7 +509,7 @@ class EnginePool:
         self._registry, self._slots, self._adapters = registry, slots, adapters
         return retired, reload
 
-    async def _retire(self, slot: _Slot) -> None:
+    async def _retire(self, slot: Slot) -> None:
         """Shut a retired slot's engine down once the requests that hold it have ended."""
         try:
             if slot.load_task is not None:
@@ -773,7 +522,7 @@ class EnginePool:
         finally:
             self._retiring.pop(slot, None)
 
-    async def _load_in_background(self, slot: _Slot) -> None:
+    async def _load_in_background(self, slot: Slot) -> None:
         try:
             await self._ready_engine(slot)
         except Exception as exc:
@@ -862,7 +611,7 @@ class EnginePool:
                 except Exception:
                     logger.exception("watching model %s failed; watching goes on", slot.model_id)
 
-    async def _watch_slot(self, slot: _Slot) -> None:
+    async def _watch_slot(self, slot: Slot) -> None:
         engine = slot.engine
         if engine is None or slot.load_task is not None:
             return
@@ -877,7 +626,7 @@ class EnginePool:
             if self._unused_for(slot, keep_alive):
                 await self._evict(slot, reason=f"after {keep_alive:g} s unused (keep-alive)")
 
-    def _unused_for(self, slot: _Slot, seconds: float) -> bool:
+    def _unused_for(self, slot: Slot, seconds: float) -> bool:
         return slot.evictable and self._clock() - slot.last_used > seconds
 
     def is_ready(self, names: Iterable[str]) -> bool:
@@ -935,13 +684,6 @@ class EnginePool:
 def _device_name(device: Device) -> str:
     """A device as metrics label it: ``gpu0``, ``gpu1`` ... or ``host``."""
     return "host" if device.index is None else f"gpu{device.index}"
-
-
-def _backoff(failures: int) -> float:
-    """Seconds to wait before retrying after ``failures`` in a row (see FIRST_BACKOFF_SECONDS)."""
-    if failures <= 1:
-        return 0.0
-    return min(MAX_BACKOFF_SECONDS, FIRST_BACKOFF_SECONDS * 2.0 ** (failures - 2))
 
 
 def _public_reason(exc: BaseException) -> str:

@@ -141,9 +141,9 @@ class CompletionService:
             prepared: list[PreparedRequest] = []
             echoes: list[str | None] = []
             for prompt in request.prompts:
-                built = engine_prompt(prompt, entry, engine, images=len(images))
+                built = await engine_prompt(prompt, entry, engine, images=len(images))
                 prepared.append(await self._engine_input(engine, built, options, adapter, images))
-                echoes.append(_echo_text(prompt, engine) if request.echo else None)
+                echoes.append(await _echo_text(prompt, engine) if request.echo else None)
         except BaseException:
             lease.release()
             raise
@@ -245,10 +245,10 @@ def _image_inputs(request: GenerationRequest) -> list[ImageInput]:
     return found
 
 
-def _echo_text(prompt: Prompt, engine: Engine) -> str:
+async def _echo_text(prompt: Prompt, engine: Engine) -> str:
     """The prompt as echoed: its text as sent, or token IDs decoded, as vLLM echoes them."""
     if isinstance(prompt, TokenPrompt):
-        return engine.decode(prompt.token_ids)
+        return await engine.decode(prompt.token_ids)
     if isinstance(prompt, TextPrompt):
         return prompt.text
     raise InvalidRequestError("echo is not available for a conversation", param="echo")

@@ -34,40 +34,40 @@ class BuiltPrompt:
     add_special_tokens: bool
 
 
-def build_prompt(prompt: str, entry: ModelEntry, engine: Engine, *, images: int = 0) -> BuiltPrompt:
+async def build_prompt(prompt: str, entry: ModelEntry, engine: Engine, *, images: int = 0) -> BuiltPrompt:
     """``images``: how many images go with the prompt (the service sends them only to
     vision entries). Without images a vision model's prompt is left as written."""
     vision = entry.vision if images else None
     if entry.prompt_format == "chat":
-        return BuiltPrompt(text=_chat(prompt, vision, images, engine), add_special_tokens=False)
+        return BuiltPrompt(text=await _chat(prompt, vision, images, engine), add_special_tokens=False)
     text = prompt if vision is None else with_placeholders(prompt, vision, images)
     return BuiltPrompt(text=text, add_special_tokens=True)
 
 
-def _chat(prompt: str, vision: VisionSettings | None, images: int, engine: Engine) -> str:
+async def _chat(prompt: str, vision: VisionSettings | None, images: int, engine: Engine) -> str:
     if vision is None:
-        return engine.apply_chat_template([{"role": "user", "content": prompt}])
+        return await engine.apply_chat_template([{"role": "user", "content": prompt}])
     if not count_placeholders(prompt, vision):
         parts = [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
         try:
-            text = engine.apply_chat_template([{"role": "user", "content": parts}])
+            text = await engine.apply_chat_template([{"role": "user", "content": parts}])
         except InvalidRequestError:
             text = None
         if text is not None and count_placeholders(text, vision) == images:
             return text
     content = with_placeholders(prompt, vision, images)
-    return engine.apply_chat_template([{"role": "user", "content": content}])
+    return await engine.apply_chat_template([{"role": "user", "content": content}])
 
 
-def engine_prompt(prompt: Prompt, entry: ModelEntry, engine: Engine, *, images: int = 0) -> EnginePrompt:
+async def engine_prompt(prompt: Prompt, entry: ModelEntry, engine: Engine, *, images: int = 0) -> EnginePrompt:
     """What the engine tokenizes (text) or takes as it is (token IDs), and whether the
     tokenizer adds its special tokens. ``images``: how many images go with the prompt."""
     if isinstance(prompt, TokenPrompt):
         return EnginePrompt(prompt.token_ids, add_special_tokens=False)
     if isinstance(prompt, ChatPrompt):
-        return EnginePrompt(build_chat(prompt.messages, entry, engine, images=images), add_special_tokens=False)
+        return EnginePrompt(await build_chat(prompt.messages, entry, engine, images=images), add_special_tokens=False)
     if prompt.as_registered:
-        built = build_prompt(prompt.text, entry, engine, images=images)
+        built = await build_prompt(prompt.text, entry, engine, images=images)
         return EnginePrompt(built.text, add_special_tokens=built.add_special_tokens)
     return EnginePrompt(prompt.text, add_special_tokens=True)
 
@@ -78,7 +78,7 @@ class EnginePrompt:
     add_special_tokens: bool
 
 
-def build_chat(messages: Sequence[ChatMessage], entry: ModelEntry, engine: Engine, *, images: int = 0) -> str:
+async def build_chat(messages: Sequence[ChatMessage], entry: ModelEntry, engine: Engine, *, images: int = 0) -> str:
     """A conversation rendered with the model's chat template (a vision model's may be its
     processor's), ready for the assistant's reply.
 
@@ -95,9 +95,9 @@ def build_chat(messages: Sequence[ChatMessage], entry: ModelEntry, engine: Engin
         )
     vision = entry.vision if images else None
     if vision is None:
-        return engine.apply_chat_template([_message(m, _text_only) for m in messages])
+        return await engine.apply_chat_template([_message(m, _text_only) for m in messages])
     try:
-        text: str | None = engine.apply_chat_template([_message(m, _parts) for m in messages])
+        text: str | None = await engine.apply_chat_template([_message(m, _parts) for m in messages])
     except InvalidRequestError:
         text = None
     if text is not None and count_placeholders(text, vision) == images:
@@ -107,7 +107,7 @@ def build_chat(messages: Sequence[ChatMessage], entry: ModelEntry, engine: Engin
     def inline(parts: Sequence[TextPart | ImagePart]) -> str:
         return "\n".join(placeholder(vision, next(numbers)) if isinstance(p, ImagePart) else p.text for p in parts)
 
-    text = engine.apply_chat_template([_message(m, inline) for m in messages])
+    text = await engine.apply_chat_template([_message(m, inline) for m in messages])
     found = count_placeholders(text, vision)
     if found != images:
         raise InvalidRequestError(

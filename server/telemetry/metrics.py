@@ -113,13 +113,14 @@ class Metrics:
         self.model_wake_seconds = Histogram(
             "v4serve_model_wake_seconds", "Time to wake a sleeping engine", ["model"], buckets=LOAD_BUCKETS, registry=r
         )
-        # vLLM's own scheduler statistics, per engine (its stat logger hook).
+        # The engines' own scheduler statistics, per engine: vLLM's through its stat logger
+        # hook, the transformers engine's from its batch thread (no KV-cache figure there).
         self.kv_cache_usage = Gauge(
             "v4serve_engine_kv_cache_usage_ratio", "Share of the engine's KV cache in use (vLLM)", ["model"], registry=r
         )
         self.engine_waiting = Gauge(
             "v4serve_engine_waiting_requests",
-            "Requests waiting in the engine's scheduler (vLLM)",
+            "Requests waiting in the engine's scheduler",
             ["model"],
             registry=r,
         )
@@ -128,7 +129,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "v4serve_engine_batch_size",
-            "Requests running in one engine step (vLLM)",
+            "Requests running in one engine step",
             ["model"],
             buckets=BATCH_BUCKETS,
             registry=r,
@@ -183,17 +184,28 @@ class EngineMetrics:
     """What one engine's stat logger writes, with the engine's model as label."""
 
     def __init__(self, metrics: Metrics, model: str):
-        self._kv_cache = metrics.kv_cache_usage.labels(model=model)
+        self._metrics, self._model = metrics, model
         self._waiting = metrics.engine_waiting.labels(model=model)
-        self._preemptions = metrics.preemptions.labels(model=model)
         self._batch = metrics.batch_size.labels(model=model)
+        # Exported from an engine's first figure on: an engine that has none (the
+        # transformers engine has no KV cache to measure) shows no series, not a zero.
+        self._kv_cache: Gauge | None = None
+        self._preemptions: Counter | None = None
 
-    def scheduler_step(self, *, kv_cache_usage: float, running: int, waiting: int) -> None:
-        self._kv_cache.set(kv_cache_usage)
+    def scheduler_step(self, *, running: int, waiting: int, kv_cache_usage: float | None = None) -> None:
+        """One engine step: ``running`` requests in it, ``waiting`` queued for the next ones.
+        Called from the engine's thread (prometheus_client's values are thread-safe)."""
+        if kv_cache_usage is not None:
+            if self._kv_cache is None:
+                self._kv_cache = self._metrics.kv_cache_usage.labels(model=self._model)
+            self._kv_cache.set(kv_cache_usage)
         self._waiting.set(waiting)
         if running:
             self._batch.observe(running)
 
     def preempted(self, count: int) -> None:
+        """An engine step preempted ``count`` requests (vLLM reports it every step, zeros too)."""
+        if self._preemptions is None:
+            self._preemptions = self._metrics.preemptions.labels(model=self._model)
         if count:
             self._preemptions.inc(count)
