@@ -58,8 +58,11 @@ def test_concurrent_first_requests_cause_one_load(pool_server: RunningServer) ->
     ]
     for thread in threads:
         thread.start()
-    time.sleep(1)
-    assert states(pool_server)["tiny-b"]["state"] == "loading"
+    # The requests wait on the one load (an engine start takes seconds: seen while it runs).
+    seen = {states(pool_server)["tiny-b"]["state"]}
+    while "loading" not in seen and any(thread.is_alive() for thread in threads):
+        seen.add(states(pool_server)["tiny-b"]["state"])
+    assert "loading" in seen
     for thread in threads:
         thread.join()
     assert results == [200] * 6

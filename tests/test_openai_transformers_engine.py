@@ -74,7 +74,7 @@ async def test_logit_bias_steers_the_choice(engine: TransformersEngine) -> None:
     biased = await tokens_of(
         engine, "Hello", SamplingOptions(max_tokens=5, temperature=0, logit_bias=((favoured, 100.0),))
     )
-    assert biased == engine.decode([favoured] * 5) != unbiased
+    assert biased == await engine.decode([favoured] * 5) != unbiased
     with pytest.raises(InvalidRequestError) as outside:
         await engine.prepare("Hello", SamplingOptions(max_tokens=1, temperature=0, logit_bias=((10**9, 1.0),)))
     assert outside.value.param == "logit_bias"
