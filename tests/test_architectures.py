@@ -152,7 +152,7 @@ async def _check_architecture(spec: ArchitectureSpec) -> None:
             model = _reference_model(spec, weights)
             tokenizer = AutoTokenizer.from_pretrained(weights)
             for prompt in PROMPTS:
-                built = build_prompt(prompt, entry, engine)
+                built = await build_prompt(prompt, entry, engine)
                 served = await _serve(engine, built.text, built.add_special_tokens, logprobs=entry.engine == "vllm")
                 reference = _reference_text(model, served.prompt_token_ids)
                 _compare(spec.builtin, prompt, served, reference, tokenizer)
@@ -162,7 +162,7 @@ async def _check_architecture(spec: ArchitectureSpec) -> None:
                 await _check_adapter(spec, entry, engine, weights, tokenizer)
             if spec.vision is not None:
                 image = _image()
-                built = build_prompt(IMAGE_PROMPT, entry, engine, images=1)
+                built = await build_prompt(IMAGE_PROMPT, entry, engine, images=1)
                 served = await _serve(engine, built.text, built.add_special_tokens, images=[image])
                 reference = _reference_image(model, weights, built.text, image, served)
                 _compare(spec.builtin, "image", served, reference, tokenizer)
@@ -181,7 +181,7 @@ async def _check_adapter(spec: ArchitectureSpec, entry: ModelEntry, engine: Any,
     merged = _merged(spec, weights, ensure_builtin(spec.adapter, TEST_HOME))
     changed = False
     for prompt in PROMPTS:
-        built = build_prompt(prompt, entry, engine)
+        built = await build_prompt(prompt, entry, engine)
         lora = await _serve(engine, built.text, built.add_special_tokens, adapter=spec.adapter)
         _compare(spec.adapter, prompt, lora, _reference_text(merged, lora.prompt_token_ids), tokenizer)
         base = await _serve(engine, built.text, built.add_special_tokens)

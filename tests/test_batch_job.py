@@ -19,7 +19,7 @@ import pytest
 
 from server.batch.endpoints import Endpoints, Outcome
 from server.batch.job import NO_MODEL, run_job
-from server.batch.lines import BatchLine, LineFault, check_lines
+from server.batch.lines import BatchLine, InputChangedError, InputSpan, LineFault, check_lines, read_input
 from server.batch.progress import Progress, summary
 from server.batch.results import OutputBusyError, ResultLog, result_record
 from server.batch.runner import HeldRecords, run_lines
@@ -71,6 +71,26 @@ def test_lines_that_cannot_run_are_faults_and_the_rest_are_requests() -> None:
     assert isinstance(mismatch, LineFault) and mismatch.code == "mismatched_url"
 
 
+def test_a_line_read_from_a_file_holds_where_it_is_not_its_body(tmp_path: Path) -> None:
+    """A job keeps each line's place in the input, and reads the line again when it runs:
+    its memory holds the lines in flight, not the whole file."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(raw("a") + b"\n" + raw("b", model="tiny-mpt", prompt_extra="x" * 1000) + b"{oops\n")
+    first, second, fault = read_input(path)
+    assert isinstance(first, BatchLine) and isinstance(second, BatchLine) and isinstance(fault, LineFault)
+    assert isinstance(first.source, InputSpan) and isinstance(second.source, InputSpan)
+    assert (first.number, first.model, second.number, second.model, fault.number) == (1, "tiny-llama", 3, "tiny-mpt", 4)
+    assert second.body == {"model": "tiny-mpt", "prompt": "a b"}
+    assert second.raw() == raw("b", model="tiny-mpt", prompt_extra="x" * 1000)
+    # A host on another machine gets the bytes themselves.
+    carried = second.carried()
+    assert carried.source == second.raw() and carried.body == second.body
+    # A file changed under a running job is an error, not another request run in its place.
+    path.write_bytes(raw("z") + b"\n" + raw("y", model="tiny-mpt", prompt_extra="x" * 1000))
+    with pytest.raises(InputChangedError, match="line 3 of the input changed"):
+        second.body  # noqa: B018
+
+
 def record(custom_id: str | None, status: int | None = 200, line: int | None = None) -> dict[str, Any]:
     response = None if status is None else {"status_code": status, "request_id": "r", "body": {}}
     error = None if line is None else {"code": "invalid_json_line", "message": "m", "line": line}
@@ -87,8 +107,8 @@ def test_the_result_log_cuts_a_torn_last_line_and_knows_what_is_answered(tmp_pat
         answered = log.answered
         assert (answered.ran, answered.faults, answered.ok, answered.failed) == ({"a", "b"}, {7}, 1, 2)
         assert output.read_text() == "\n".join(whole) + "\n"
-        assert answered.holds(BatchLine(1, "a", "/v1/completions", {}))
-        assert not answered.holds(BatchLine(2, "c", "/v1/completions", {}))
+        assert answered.holds(BatchLine.of(1, "a", "/v1/completions", {}))
+        assert not answered.holds(BatchLine.of(2, "c", "/v1/completions", {}))
         assert answered.holds(LineFault(7, None, "invalid_json_line", "m"))
         assert not answered.holds(LineFault(8, None, "invalid_json_line", "m"))
         log.write(record("c"))
@@ -274,7 +294,7 @@ async def test_the_ray_driver_records_each_result_it_appends_once(tmp_path: Path
 
     def result(custom_id: str, usage: bool) -> LineResult:
         outcome = Outcome(200, {}, 1, 2, request_id=f"req-{custom_id}")
-        line = BatchLine(1, custom_id, "/v1/completions", {"model": "m"})
+        line = BatchLine.of(1, custom_id, "/v1/completions", {"model": "m"})
         record = (
             UsageRecord(1.0, outcome.request_id, None, "batch", "m", line.url, 1, 2, 200, 0.1, "batch")
             if usage

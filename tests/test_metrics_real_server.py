@@ -12,15 +12,19 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from server.telemetry import Ledger, UsageFilter
 from tests.conftest import API_KEYS, RunningServer, start_server
 from tests.test_metrics import samples, value
+from tests.test_tracing import otlp_collector
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +38,23 @@ def ledger_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, ledger_path: Path) -> Iterator[RunningServer]:
+def collector() -> Iterator[tuple[str, list[ExportTraceServiceRequest]]]:
+    with otlp_collector() as collected:
+        yield collected
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, ledger_path: Path, collector: tuple[str, list]
+) -> Iterator[RunningServer]:
     running = start_server(
         tmp_path_factory.mktemp("metrics-server"),
         preload=["tiny-llama"],
         api_keys=f"{API_KEYS},{ADMIN_KEY}::admin",
-        extra_args=["--log-format", "json", "--ledger-url", f"sqlite://{ledger_path}"],
+        extra_args=[
+            *("--log-format", "json", "--ledger-url", f"sqlite://{ledger_path}"),
+            *("--otlp-endpoint", collector[0]),
+        ],
     )
     yield running
     running.stop()
@@ -100,6 +115,47 @@ def test_log_lines_are_json_and_name_their_request(server: RunningServer) -> Non
     assert ours, server.log_tail()
     usage_lines = [entry for entry in ours if entry.get("request_id") == "json-log-1"]
     assert any(entry["message"].startswith("completion cmpl-json-log-1-") for entry in usage_lines), usage_lines
+
+
+def test_vllm_spans_join_the_request_trace(
+    server: RunningServer, collector: tuple[str, list[ExportTraceServiceRequest]]
+) -> None:
+    """vLLM's own span of a request (``llm_request``, from the engine the server started
+    with ``otlp_traces_endpoint``) lands in the request's trace, under the server's span."""
+    _, received = collector
+    with server.client() as http:
+        _, completion = complete(http, stream=True, request_id="traced-1")
+
+    def found() -> tuple[Any, Any] | None:
+        spans = [
+            (resource.resource, span)
+            for request in list(received)
+            for resource in request.resource_spans
+            for scope in resource.scope_spans
+            for span in scope.spans
+        ]
+        roots = [
+            span
+            for _, span in spans
+            if any(a.key == "v4serve.request_id" and a.value.string_value == "traced-1" for a in span.attributes)
+        ]
+        engine = [(resource, span) for resource, span in spans if span.name == "llm_request"]
+        for root in roots:
+            ours = {span.span_id for _, span in spans if span.trace_id == root.trace_id}
+            for resource, span in engine:
+                if span.trace_id == root.trace_id and span.parent_span_id in ours:
+                    return resource, span
+        return None
+
+    # Both sides export in batches (every few seconds): wait for the spans, not for a time.
+    deadline = time.monotonic() + 120
+    while (pair := found()) is None:
+        assert time.monotonic() < deadline, "no llm_request span of vLLM's joined the request's trace"
+        time.sleep(0.5)
+    resource, span = pair
+    service = {a.value.string_value for a in resource.attributes if a.key == "service.name"}
+    assert service and service != {"v4serve"}, service  # vLLM's own exporter sent it
+    assert any(a.key == "gen_ai.usage.completion_tokens" and a.value.int_value == completion for a in span.attributes)
 
 
 def test_kill_9_under_load_loses_no_answered_request(server: RunningServer, ledger_path: Path) -> None:

@@ -8,6 +8,7 @@ this process that decodes what the server's real exporter sends.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import threading
 from collections.abc import Iterator
@@ -108,7 +109,13 @@ async def test_a_refused_request_is_a_span_with_its_status(app_server: InProcess
 
 @pytest.fixture
 def otlp_receiver() -> Iterator[tuple[str, list[ExportTraceServiceRequest]]]:
-    """An OTLP/HTTP collector in this process: what arrives at /v1/traces, decoded."""
+    with otlp_collector() as collected:
+        yield collected
+
+
+@contextlib.contextmanager
+def otlp_collector() -> Iterator[tuple[str, list[ExportTraceServiceRequest]]]:
+    """An OTLP/HTTP collector in this process: its URL, and what arrives at /v1/traces, decoded."""
     received: list[ExportTraceServiceRequest] = []
 
     class Handler(BaseHTTPRequestHandler):

@@ -18,7 +18,7 @@ import time
 
 from server.batch.endpoints import Endpoints
 from server.batch.job import run_job
-from server.batch.lines import ENDPOINTS, BatchLine, LineFault, check_lines
+from server.batch.lines import ENDPOINTS, BatchLine, LineFault, read_input
 from server.batch.objects import FINAL_STATES, BatchError, BatchErrors, BatchObject, CreateBatch, FileObject
 from server.batch.priority import BatchPriority
 from server.batch.results import ResultLog
@@ -216,8 +216,7 @@ class BatchManager:
                 log.close()
 
     def _read_input(self, stored: StoredBatch) -> list[BatchLine | LineFault]:
-        with self.store.content_path(stored.batch.input_file_id).open("rb") as file:
-            return list(check_lines(file, stored.batch.endpoint))
+        return read_input(self.store.content_path(stored.batch.input_file_id), stored.batch.endpoint)
 
     def _end(self, stored: StoredBatch, status: str) -> None:
         """Put the batch in a final state and name its result files (those holding lines)."""

@@ -230,7 +230,9 @@ class RayJob:
             logger.info("host %s: %d lines of %s", name, len(shard.lines), shard.engine or NO_MODEL)
             model = self._show(shard)
             try:
-                refs = actor.run.options(num_returns="streaming").remote(shard.lines, shard.concurrency)
+                # The host may be on another machine: the lines go with their bytes.
+                lines = [line.carried() for line in shard.lines]
+                refs = actor.run.options(num_returns="streaming").remote(lines, shard.concurrency)
                 async for ref in refs:
                     self._progressed(model, await self.accept(await ref))
             except RayActorError:

@@ -104,19 +104,21 @@ class ResultFile:
         """Count the records already here into ``into``, after cutting off a torn last line
         (one a kill interrupted: it has no newline). A complete line that is not a record
         (written by something else) is left as it is and not counted."""
+        end = 0  # where the last complete line ends
         with open(self._fd, "rb", closefd=False) as file:
             file.seek(0)
-            data = file.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
+            for raw in file:  # a line at a time: an output may be far larger than memory
+                if not raw.endswith(b"\n"):
+                    break
+                end += len(raw)
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    into.count(record)
+        if end < os.fstat(self._fd).st_size:
             os.ftruncate(self._fd, end)
-        for raw in data[:end].splitlines():
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                into.count(record)
 
     def append(self, record: dict[str, Any]) -> None:
         data = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
