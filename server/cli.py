@@ -187,6 +187,7 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=settings.shutdown_timeout,
+        timeout_keep_alive=settings.connection_keep_alive,
         # JSON lines: uvicorn's own loggers write through the root handler too.
         **({"log_config": None} if settings.log_format == "json" else {}),
     )

@@ -101,6 +101,14 @@ class Settings(BaseSettings):
         description="Seconds running requests get to finish after SIGTERM; the rest are aborted.",
         json_schema_extra={"metavar": "SECONDS"},
     )
+    connection_keep_alive: float = Field(
+        default=75.0,
+        gt=0,
+        description="Seconds an idle client connection is kept open for its next request. Longer than "
+        "clients keep idle connections themselves (httpx and the SDKs built on it: 5 s), so a client never "
+        "sends a request on a connection the server is closing at that moment.",
+        json_schema_extra={"metavar": "SECONDS"},
+    )
     max_body_bytes: int = Field(
         default=32 << 20,
         gt=0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import socket
+import time
 
 import httpx
 import pytest
@@ -72,3 +73,25 @@ def test_non_streaming_disconnect_aborts_the_engine_request(server: RunningServe
     server.wait_for_running(MODEL, lambda n: n == 0, 120)
     after = server.wait_for_aborts(len(before) + 1)
     assert after[-1] < MAX_TOKENS
+
+
+def test_an_idle_connection_outlives_the_clients_own_expiry(server: RunningServer) -> None:
+    """httpx, and the SDKs built on it, reuse a connection idle for up to 5 s; a server that
+    closed idle connections at 5 s too (uvicorn's default) could close one just as a request
+    goes out on it, which the client sees as a reset. The server keeps them for 75 s: a
+    request on a connection idle for longer than the clients' expiry is still answered."""
+    address = httpx.URL(server.base_url)
+    request = f"GET /healthz HTTP/1.1\r\nHost: {address.netloc.decode()}\r\n\r\n".encode()
+    with socket.create_connection((address.host, address.port or 80), timeout=60) as connection:
+        replies = connection.makefile("rb")
+        for pause in (0.0, 6.0):
+            time.sleep(pause)  # longer than httpx's keepalive_expiry: a wait, not a speed bound
+            connection.sendall(request)
+            status = replies.readline()
+            assert status.startswith(b"HTTP/1.1 200"), status
+            length = 0
+            while (line := replies.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            replies.read(length)
