@@ -154,10 +154,11 @@ async def _metered(
 async def _answer(line: BatchLine, endpoints: Endpoints, account_id: str | None, admission: Admission) -> Outcome:
     """The line's answer; a 429 is waited out and tried again, a 503 too, a few times."""
     unavailable = 0
+    body = line.body  # read from the input once, however many tries it takes
     while True:
         async with admission(line.model):
             try:
-                return await endpoints.call(line.url, line.body, account_id)
+                return await endpoints.call(line.url, body, account_id)
             except Busy as exc:
                 if exc.outcome.status == 503:
                     unavailable += 1
